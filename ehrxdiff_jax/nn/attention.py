@@ -1,0 +1,76 @@
+"""The one attention function and multi-head attention module used by every network.
+
+`dot_product_attention` dispatches to `jax.nn.dot_product_attention`: the fused cuDNN kernel on NVIDIA
+GPUs in half precision, XLA's implementation elsewhere (CPU, TPU, fp32). The choice is the config field
+`model.attention` ('auto' | 'xla' | 'cudnn').
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ehrxdiff_jax.nn.layers import Dense
+
+IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+
+
+def resolve_implementation(implementation: str, dtype, head_dim: int) -> str:
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"unknown attention implementation {implementation!r}; expected {IMPLEMENTATIONS}")
+  if implementation != "auto":
+    return implementation
+  # cuDNN's fused kernel takes half precision and head dims that are multiples of 8 up to 128.
+  fused_ok = (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+              and head_dim % 8 == 0 and head_dim <= 128)
+  return "cudnn" if fused_ok else "xla"
+
+
+def dot_product_attention(q, k, v, *, key_mask=None, implementation: str = "auto"):
+  """Scaled dot-product attention.
+
+  Args:
+    q: [B, Lq, H, D]; k, v: [B, Lk, H, D].
+    key_mask: optional [B, Lk] bool, True where the key is a real token (padding is False).
+      For the cuDNN path padding must be a suffix (valid tokens first), which the input pipeline
+      guarantees; it is passed as key lengths.
+    implementation: 'auto' | 'xla' | 'cudnn'.
+  Returns: [B, Lq, H, D].
+  """
+  impl = resolve_implementation(implementation, q.dtype, q.shape[-1])
+  if key_mask is None:
+    return jax.nn.dot_product_attention(q, k, v, implementation=impl)
+  if impl == "cudnn":
+    lengths = jnp.sum(key_mask, axis=-1).astype(jnp.int32)
+    return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation=impl)
+  return jax.nn.dot_product_attention(q, k, v, mask=key_mask[:, None, None, :], implementation=impl)
+
+
+class MultiHeadAttention(nn.Module):
+  """Multi-head attention with separate q/k/v projections (names: q, k, v, out).
+
+  Self-attention when `context` is None, cross-attention otherwise.
+  """
+  num_heads: int
+  head_dim: int
+  out_features: int
+  qkv_bias: bool = True
+  out_bias: bool = True
+  dtype: Any = jnp.float32
+  implementation: str = "auto"
+
+  @nn.compact
+  def __call__(self, x, context=None, key_mask=None):
+    context = x if context is None else context
+    inner = self.num_heads * self.head_dim
+    b, lq, lk = x.shape[0], x.shape[1], context.shape[1]
+    q = Dense(inner, ("embed", "heads"), use_bias=self.qkv_bias, dtype=self.dtype, name="q")(x)
+    k = Dense(inner, ("embed", "heads"), use_bias=self.qkv_bias, dtype=self.dtype, name="k")(context)
+    v = Dense(inner, ("embed", "heads"), use_bias=self.qkv_bias, dtype=self.dtype, name="v")(context)
+    q = q.reshape(b, lq, self.num_heads, self.head_dim)
+    k = k.reshape(b, lk, self.num_heads, self.head_dim)
+    v = v.reshape(b, lk, self.num_heads, self.head_dim)
+    out = dot_product_attention(q, k, v, key_mask=key_mask, implementation=self.implementation)
+    out = out.reshape(b, lq, inner)
+    return Dense(self.out_features, ("heads", "embed"), use_bias=self.out_bias, dtype=self.dtype,
+                 name="out")(out)
