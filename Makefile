@@ -1,0 +1,25 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO_OUT ?= demo_out
+export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.jax_cache
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[torch,test]'
+	touch $@
+
+demo: setup
+	$(VENV)/bin/ehrxdiff info --config configs/ehrxdiff.py
+	$(VENV)/bin/ehrxdiff demo --out $(DEMO_OUT) --overwrite
+
+test: setup
+	$(PY) -m pytest -q -n 2 --durations=15 tests
+
+clean:
+	rm -rf $(DEMO_OUT) .pytest_cache

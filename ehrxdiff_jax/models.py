@@ -1,0 +1,99 @@
+"""Builds the networks of a config and their parameter trees (the one place that maps config -> modules).
+
+Parameter tree of the LDM: {'unet': ..., 'conditioner': ..., 'vae': ...} (see CONTRIBUTING.md).
+Initialisation goes through `jax.eval_shape` (shapes, counts, FLOPs without allocating) and a jitted
+initialiser (fast on CPU, shardable with out_shardings).
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from ehrxdiff_jax.nn.layers import compute_dtype
+
+
+def _common(cfg: ml_collections.ConfigDict) -> dict:
+  return dict(dtype=compute_dtype(cfg.model.dtype), attention=cfg.model.attention, remat=cfg.model.remat)
+
+
+def latent_shape(cfg: ml_collections.ConfigDict) -> tuple[int, int, int]:
+  """(h, w, c) of the VAE latent for the config's image size."""
+  factor = 2 ** (len(cfg.model.vae.ch_mult) - 1)
+  size = cfg.data.image_size // factor
+  return size, size, cfg.model.vae.embed_dim
+
+
+def build_vae(cfg):
+  from ehrxdiff_jax.nn.vae import AutoencoderKL
+  return AutoencoderKL(**cfg.model.vae.to_dict(), **_common(cfg))
+
+
+def build_unet(cfg):
+  from ehrxdiff_jax.nn.unet import UNet
+  return UNet(**cfg.model.unet.to_dict(), **_common(cfg))
+
+
+def build_image_tower(cfg):
+  from ehrxdiff_jax.nn.vit import VisionTransformer
+  return VisionTransformer(**cfg.model.image_tower.to_dict(), **_common(cfg))
+
+
+def build_table_tower(cfg):
+  from ehrxdiff_jax.nn.table import TableTower
+  return TableTower(**cfg.model.table_tower.to_dict(), **_common(cfg))
+
+
+def build_conditioner(cfg):
+  from ehrxdiff_jax.nn.conditioner import Conditioner
+  h, _, c = latent_shape(cfg)
+  k = cfg.model.conditioner
+  return Conditioner(image_tower=build_image_tower(cfg), table_tower=build_table_tower(cfg),
+                     cross_attention=tuple(k.cross_attention), max_events=k.max_events,
+                     context_tokens=k.context_tokens, context_dim=k.context_dim,
+                     latent_channels=c, latent_size=h, dtype=compute_dtype(cfg.model.dtype))
+
+
+def dummy_batch(cfg, batch_size: int = 1) -> dict:
+  """A zero batch with the shapes of the pipeline's batches (CONTRIBUTING.md), for init and tracing."""
+  s = cfg.data.image_size
+  e, d = cfg.model.conditioner.max_events, cfg.model.table_tower.event_dim
+  return {
+      "prev_image": jnp.zeros((batch_size, s, s, 3), jnp.float32),
+      "target_image": jnp.zeros((batch_size, s, s, 3), jnp.float32),
+      "events": jnp.zeros((batch_size, e, d), jnp.float32),
+      "event_mask": jnp.ones((batch_size, e), bool),
+  }
+
+
+def unet_input(z_t, prev_mean, cfg):
+  """The UNet input: z_t, with the scaled VAE mean of I_prev concatenated when the config asks for it."""
+  if cfg.model.conditioner.vae_concat:
+    return jnp.concatenate([z_t, prev_mean * cfg.diffusion.scale_factor], axis=-1)
+  return z_t
+
+
+def init_ldm(cfg, rng, batch_size: int = 1) -> dict:
+  """Boxed (logically partitioned) parameters {'unet', 'conditioner', 'vae'} of the LDM.
+
+  Use through `jax.eval_shape(functools.partial(init_ldm, cfg), rng)` for shapes, or inside a
+  `jax.jit` with out_shardings for real weights.
+  """
+  vae, unet, cond = build_vae(cfg), build_unet(cfg), build_conditioner(cfg)
+  batch = dummy_batch(cfg, batch_size)
+  r_vae, r_unet, r_cond = jax.random.split(rng, 3)
+  vae_vars = vae.init(r_vae, batch["prev_image"])
+  h, w, c = latent_shape(cfg)
+  prev_mean = jnp.zeros((batch_size, h, w, c), jnp.float32)
+  cond_vars = cond.init(r_cond, batch["prev_image"], prev_mean, batch["events"], batch["event_mask"])
+  context = jax.eval_shape(lambda: cond.apply(cond_vars, batch["prev_image"], prev_mean, batch["events"],
+                                              batch["event_mask"]))
+  context = None if context is None else jnp.zeros(context.shape, context.dtype)
+  z = unet_input(jnp.zeros((batch_size, h, w, c)), prev_mean, cfg)
+  unet_vars = unet.init(r_unet, z, jnp.zeros((batch_size,), jnp.int32), context)
+  return {"unet": unet_vars["params"], "conditioner": cond_vars["params"], "vae": vae_vars["params"]}
+
+
+def param_count(tree) -> int:
+  return int(sum(x.size for x in jax.tree_util.tree_leaves(nn.unbox(tree))))
