@@ -92,7 +92,8 @@ def init_ldm(cfg, rng, batch_size: int = 1) -> dict:
   context = None if context is None else jnp.zeros(context.shape, context.dtype)
   z = unet_input(jnp.zeros((batch_size, h, w, c)), prev_mean, cfg)
   unet_vars = unet.init(r_unet, z, jnp.zeros((batch_size,), jnp.int32), context)
-  return {"unet": unet_vars["params"], "conditioner": cond_vars["params"], "vae": vae_vars["params"]}
+  # A conditioner with no cross-attention stream (the 'VAE concat only' ablation) has no parameters.
+  return {"unet": unet_vars["params"], "conditioner": cond_vars.get("params", {}), "vae": vae_vars["params"]}
 
 
 def param_count(tree) -> int:
