@@ -1,0 +1,352 @@
+"""The grain input pipeline over the shards written by `ehrxdiff prepare`.
+
+    loader = make_loader(data_dir, 'train', global_batch_size=128, config_data=cfg.data, seed=0,
+                         max_events=1024)
+    it = iter(loader)              # a grain DatasetIterator
+    batch = next(it)               # dict of numpy arrays, CONTRIBUTING.md's batch table (local batch)
+    state = it.get_state()         # JSON-able; it.set_state(state) resumes exactly (save it with the
+                                   # model checkpoint, e.g. grain.PyGrainCheckpointHandler or as JSON)
+
+Order: the sample space (real samples, then one w_null sample per distinct target image) is permuted
+per epoch by `np.random.default_rng([seed, epoch])`; position p of the permutation goes to process
+p % process_count, so every process reads only its own records (random access into the shards) and
+the processes together see every sample once per epoch (up to total % process_count samples per
+epoch are left out so that all processes make the same number of steps). Without shuffle the order is
+the record order. Batches are per-process: global_batch_size / process_count samples.
+
+w_null (config_data.w_null): for every distinct target image of the split one no-change sample is
+added: the prev image of the first record (in record order) with that target is used as both prev and
+target, its prev labels as both label vectors, the events are `max_events` zero rows and the
+`event_mask` is all True (the reference has no padding mask for them); is_null is True.
+
+augment_target: RandomAffine(degrees=10, scale=(0.9, 1.1)) on every target image (real or null), with
+torchvision's conventions (angle ~ U(-10, 10), positive = clockwise on screen as in F.affine, scale ~ U(0.9, 1.1), about the image
+centre (W/2, H/2), nearest neighbour, fill 0 = black, which is -1 after scaling to [-1, 1]); the
+parameters come from `np.random.default_rng([seed, epoch, sample, 1])`, so a sample is augmented the
+same way on a resumed run and differently in every epoch.
+
+Cached latents (config_data.cached_latents): the records must carry `target_moments` and `prev_mean`;
+they are returned in the batch as float32. A cached target latent was computed from the un-augmented
+target, so it cannot be augmented: requesting both cached_latents and augment_target (or w_null, whose
+null target would need the moments of I_prev) raises ValueError.
+
+Batch size in memory: `events` dominates (float32 [B, 1024, 1536] is 6.3 MB per sample, 805 MB for a
+local batch of 128); config_data.events_dtype='float16' halves it (the records hold float16 anyway,
+so nothing is lost) -- the default stays float32 as in CONTRIBUTING.md's batch table.
+
+Labels: config_data.labels ('imagenome' | 'chexpert'; default: imagenome when the dataset has it);
+CheXpert's -1 (uncertain) becomes NaN like an unknown label.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+import numpy as np
+
+from ehrxdiff_jax import records as rec
+
+
+# ----------------------------------------------------------------------------- dataset files
+def read_manifest(data_dir: str) -> dict:
+  path = os.path.join(data_dir, rec.MANIFEST)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: {data_dir} is not a dataset written by `ehrxdiff prepare` "
+                            "(or the run was interrupted)")
+  with open(path) as f:
+    man = json.load(f)
+  if man.get("schema_version") != rec.SCHEMA_VERSION:
+    raise ValueError(f"{path}: schema version {man.get('schema_version')}, this code reads "
+                     f"{rec.SCHEMA_VERSION}; re-run `ehrxdiff prepare`")
+  return man
+
+
+def read_index(data_dir: str, split: str):
+  """The per-record index of a split as a pandas DataFrame (key, ids, times, demographics...)."""
+  import pandas as pd
+  return pd.read_json(os.path.join(data_dir, rec.index_name(split)), lines=True, dtype={"key": str, "prev_dicom": str, "trg_dicom": str})
+
+
+class ShardedSource:
+  """Random access over one split's shards: `src[i]` -> decoded record dict (see records.py).
+
+  Shard sizes and record counts are checked against the manifest when opened, and read / decode
+  errors name the shard, so a corrupted or truncated shard is reported as such."""
+
+  def __init__(self, data_dir: str, split: str, decode: bool = True):
+    from array_record.python.array_record_data_source import ArrayRecordDataSource
+    self.data_dir, self.split, self.decode = data_dir, split, decode
+    man = read_manifest(data_dir)
+    if split not in man["splits"]:
+      raise KeyError(f"{data_dir}: no split {split!r}; splits are {sorted(man['splits'])}")
+    self.manifest = man
+    shards = man["splits"][split]["shards"]
+    self.paths = [os.path.join(data_dir, s["file"]) for s in shards]
+    for s, p in zip(shards, self.paths):
+      if not os.path.exists(p):
+        raise FileNotFoundError(f"missing shard {p}")
+      size = os.path.getsize(p)
+      if size != s["bytes"]:
+        raise ValueError(f"corrupted or truncated shard {p}: {size} bytes, the manifest says {s['bytes']}")
+    self.bounds = np.cumsum([0] + [s["records"] for s in shards])
+    try:
+      self._src = ArrayRecordDataSource(self.paths)
+    except Exception as e:
+      raise ValueError(f"corrupted shard in {self.paths}: {e}") from None
+    if len(self._src) != self.bounds[-1]:
+      raise ValueError(f"corrupted shard in split {split!r}: {len(self._src)} records, manifest says {self.bounds[-1]}")
+    self.event_table = None
+    if man.get("event_layout") == "table":
+      self.event_table = np.load(os.path.join(data_dir, rec.EVENT_TABLE), mmap_mode="r")
+
+  def shard_of(self, index: int) -> str:
+    return self.paths[int(np.searchsorted(self.bounds, index, "right") - 1)]
+
+  def __len__(self) -> int:
+    return int(self.bounds[-1])
+
+  def __getitem__(self, index: int):
+    index = int(index)
+    try:
+      raw = self._src[index]
+    except Exception as e:
+      raise ValueError(f"corrupted shard {self.shard_of(index)}: cannot read record {index}: {e}") from None
+    if not self.decode:
+      return raw
+    try:
+      r = rec.decode_record(raw)
+    except rec.RecordError as e:
+      raise ValueError(f"corrupted shard {self.shard_of(index)}: record {index}: {e}") from None
+    if "event_ids" in r and self.event_table is not None:
+      r["events"] = np.asarray(self.event_table[r.pop("event_ids")])
+    return r
+
+  def __repr__(self):
+    return f"ShardedSource({self.data_dir!r}, {self.split!r}, {len(self)} records)"
+
+
+def data_source(data_dir: str, split: str, decode: bool = True) -> ShardedSource:
+  """grain-compatible random-access source of a split (decoded record dicts, or raw bytes)."""
+  return ShardedSource(data_dir, split, decode)
+
+
+def tfds_source(data_dir: str, split: str):
+  """The same split through TFDS: elements {'key': bytes, 'record': bytes}; decode 'record' with
+  `records.decode_payload` (with the default `event_layout='table'` the record holds `event_ids`: the
+  vectors are rows of DATA_DIR/event_table.npy, np.load(..., mmap_mode='r')[ids]). Equivalent: tfds.data_source('ehrxdiff', split=..., data_dir=PARENT) when
+  the dataset lives in PARENT/ehrxdiff/1.0.0/."""
+  import tensorflow_datasets as tfds
+  return tfds.builder_from_directory(data_dir).as_data_source(split=split)
+
+
+# ----------------------------------------------------------------------------- transforms
+def _cfg(config_data, name, default=None):
+  if config_data is None:
+    return default
+  if isinstance(config_data, Mapping):
+    return config_data.get(name, default)
+  return getattr(config_data, name, default) if hasattr(config_data, name) else default
+
+
+def random_affine(img: np.ndarray, rng: np.random.Generator, degrees: float = 10.0,
+                  scale=(0.9, 1.1)) -> np.ndarray:
+  """torchvision RandomAffine(degrees, scale=scale, interpolation=NEAREST, fill=0) on uint8 [H, W]."""
+  from PIL import Image
+  angle = float(rng.uniform(-degrees, degrees))
+  s = float(rng.uniform(*scale))
+  h, w = img.shape
+  cx, cy = w * 0.5, h * 0.5
+  a = np.deg2rad(angle)
+  # inverse map (output pixel -> input pixel), as torchvision's _get_inverse_affine_matrix
+  m = np.array([np.cos(a), np.sin(a), 0.0, -np.sin(a), np.cos(a), 0.0]) / s
+  m[2] = m[0] * -cx + m[1] * -cy + cx
+  m[5] = m[3] * -cx + m[4] * -cy + cy
+  out = Image.fromarray(img).transform((w, h), Image.AFFINE, tuple(m), resample=Image.NEAREST, fillcolor=0)
+  return np.asarray(out, np.uint8)
+
+
+def _resize(img: np.ndarray, size: int) -> np.ndarray:
+  if img.shape[0] != size or img.shape[1] != size:
+    from PIL import Image
+    img = np.asarray(Image.fromarray(img).resize((size, size), Image.BILINEAR), np.uint8)
+  return img
+
+
+class _Maker:
+  """Index in the repeated sample space -> one example dict (runs in grain workers; picklable)."""
+
+  def __init__(self, data_dir, split, *, seed, shuffle, n_real, null_src, local_len, process_index,
+               process_count, max_events, image_size, augment, label_set, cached_latents):
+    self.data_dir, self.split = data_dir, split
+    self.seed, self.shuffle, self.n_real = seed, shuffle, n_real
+    self.null_src = np.asarray(null_src, np.int64)
+    self.total = n_real + len(self.null_src)
+    self.local_len, self.pi, self.pc = local_len, process_index, process_count
+    self.max_events, self.image_size, self.augment = max_events, image_size, augment
+    self.label_set, self.cached_latents = label_set, cached_latents
+    self._src = None
+    self._perm_epoch, self._perm = None, None
+
+  def __getstate__(self):
+    d = dict(self.__dict__)
+    d["_src"], d["_perm"], d["_perm_epoch"] = None, None, None
+    return d
+
+  @property
+  def src(self):
+    if self._src is None:
+      self._src = ShardedSource(self.data_dir, self.split)
+    return self._src
+
+  def sample_index(self, i: int) -> tuple[int, int]:
+    epoch, pos = divmod(int(i), self.local_len)
+    g = pos * self.pc + self.pi
+    if self.shuffle:
+      if self._perm_epoch != epoch:
+        self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.total)
+        self._perm_epoch = epoch
+      g = int(self._perm[g])
+    return epoch, g
+
+  def _labels(self, r, which):
+    if not self.label_set:
+      return np.zeros((0,), np.float32)
+    x = np.array(r[f"{which}_labels_{self.label_set}"], np.float32)
+    x[x == -1] = np.nan
+    return x
+
+  def __call__(self, i, _=None) -> dict[str, Any]:
+    epoch, g = self.sample_index(i)
+    is_null = g >= self.n_real
+    r = self.src[int(self.null_src[g - self.n_real]) if is_null else g]
+    prev = r["prev_image"]
+    trg = prev if is_null else r["target_image"]
+    if self.augment:
+      trg = random_affine(trg, np.random.default_rng([self.seed, epoch, g, 1]))
+    # Images stay uint8 and events float16 (valid rows only) here; `_Batcher` writes them straight into
+    # the float32 batch arrays (one copy instead of three).
+    ev = None if is_null else np.asarray(r["events"][-self.max_events:])
+    out = dict(prev_image=_resize(prev, self.image_size), target_image=_resize(trg, self.image_size),
+               events=ev, prev_labels=self._labels(r, "prev"),
+               target_labels=self._labels(r, "prev" if is_null else "target"), is_null=np.bool_(is_null),
+               key=np.bytes_(("null_" if is_null else "") + r["meta"]["key"]))
+    if self.cached_latents:
+      for k in ("target_moments", "prev_mean"):
+        if k not in r:
+          raise ValueError(f"{self.data_dir}: records have no {k!r}; prepare with cached latents or set "
+                           "data.cached_latents=False")
+        out[k] = np.asarray(r[k], np.float32)
+    return out
+
+
+class _Batcher:
+  """Stacks examples into the batch dict: float32 images in [-1, 1] with 3 channels, zero-padded float32
+  events [B, max_events, D] with the mask (all True for null samples)."""
+
+  def __init__(self, max_events: int, event_dim: int, events_dtype: str = "float32"):
+    self.max_events, self.event_dim, self.events_dtype = max_events, event_dim, np.dtype(events_dtype)
+
+  def __call__(self, elements):
+    b, e, dim = len(elements), self.max_events, self.event_dim
+    events = np.zeros((b, e, dim), self.events_dtype)
+    mask = np.zeros((b, e), bool)
+    for i, x in enumerate(elements):
+      if x["events"] is None:
+        mask[i] = True
+      else:
+        n = len(x["events"])
+        events[i, :n] = x["events"]
+        mask[i, :n] = True
+    out = {}
+    for k in ("prev_image", "target_image"):
+      img = np.stack([x[k] for x in elements]).astype(np.float32)
+      img *= 2.0 / 255.0
+      img -= 1.0
+      out[k] = np.repeat(img[..., None], 3, axis=3)
+    out["events"], out["event_mask"] = events, mask
+    for k in elements[0]:
+      if k not in out:
+        out[k] = np.stack([x[k] for x in elements])
+    return out
+
+
+def null_sources(data_dir: str, split: str) -> np.ndarray:
+  """Record index of the first record of every distinct target image (the w_null samples)."""
+  idx = read_index(data_dir, split)
+  first = idx.drop_duplicates("trg_dicom", keep="first")
+  return first["record"].to_numpy(np.int64)
+
+
+def make_loader(data_dir: str, split: str, *, global_batch_size: int, config_data=None, seed: int = 0,
+                shuffle: bool = True, num_epochs: int | None = None, process_index: int | None = None,
+                process_count: int | None = None, drop_remainder: bool = True, max_events: int = 1024):
+  """A grain IterDataset of per-process batches (see module docstring); `iter()` it for a checkpointable
+  DatasetIterator (get_state / set_state)."""
+  import grain
+  if process_index is None or process_count is None:
+    import jax
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if global_batch_size % process_count:
+    raise ValueError(f"global_batch_size {global_batch_size} is not divisible by process_count {process_count}")
+  local_bs = global_batch_size // process_count
+  man = read_manifest(data_dir)
+  src = ShardedSource(data_dir, split)  # validates the shards now, in this process
+  w_null = bool(_cfg(config_data, "w_null", False))
+  augment = bool(_cfg(config_data, "augment_target", False))
+  cached = bool(_cfg(config_data, "cached_latents", False))
+  if cached and (augment or w_null):
+    raise ValueError("cached latents cannot be combined with augment_target or w_null: the stored VAE "
+                     "moments belong to the un-augmented target (and null samples would need the moments "
+                     "of I_prev); use image inputs for EHRXDiff_w_null")
+  label_set = _cfg(config_data, "labels", None)
+  sets = man.get("label_sets", [])
+  if label_set is None:
+    label_set = "imagenome" if "imagenome" in sets else (sets[0] if sets else "")
+  elif label_set and label_set not in sets:
+    raise ValueError(f"{data_dir}: label set {label_set!r} not in the dataset ({sets})")
+  image_size = int(_cfg(config_data, "image_size", man["image_size"]))
+  null_src = null_sources(data_dir, split) if w_null else np.zeros(0, np.int64)
+  total = len(src) + len(null_src)
+  local_len = total // process_count
+  if local_len == 0:
+    raise ValueError(f"split {split!r} has {total} samples, fewer than {process_count} processes")
+  maker = _Maker(data_dir, split, seed=seed, shuffle=shuffle, n_real=len(src), null_src=null_src,
+                 local_len=local_len, process_index=process_index, process_count=process_count,
+                 max_events=max_events, image_size=image_size, augment=augment, label_set=label_set,
+                 cached_latents=cached)
+  ds = grain.MapDataset.range(local_len).repeat(num_epochs).map_with_index(maker)
+  ds = ds.batch(local_bs, drop_remainder=drop_remainder, batch_fn=_Batcher(
+      max_events, int(man["event_dim"]), _cfg(config_data, "events_dtype", "float32")))
+  num_workers = int(_cfg(config_data, "num_workers", 0) or 0)
+  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(_cfg(config_data, "read_threads", 0) or 0) or 1,
+                                               prefetch_buffer_size=int(_cfg(config_data, "prefetch", 2) or 2)))
+  if num_workers > 0:
+    from absl import flags
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
+                                                           per_worker_buffer_size=2))
+  return it_ds
+
+
+def to_global(batch: dict, mesh, batch_axes=("data", "fsdp")) -> dict:
+  """Per-process batch -> dict of global jax.Arrays sharded over `batch_axes` of `mesh` along the batch
+  axis (jax.make_array_from_process_local_data). The host-only 'key' is left out."""
+  import jax
+  from jax.sharding import NamedSharding, PartitionSpec
+  axes = tuple(a for a in batch_axes if a in mesh.axis_names)
+  out = {}
+  for k, v in batch.items():
+    if k == "key":
+      continue
+    spec = PartitionSpec(axes if axes else None, *([None] * (np.ndim(v) - 1)))
+    out[k] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), np.asarray(v))
+  return out
+
+
+def steps_per_epoch(data_dir: str, split: str, global_batch_size: int, w_null: bool = False) -> int:
+  man = read_manifest(data_dir)
+  n = man["splits"][split]["samples"] + (man["splits"][split]["distinct_targets"] if w_null else 0)
+  return n // global_batch_size
