@@ -1,0 +1,499 @@
+"""`ehrxdiff sample`: predict the target X-rays of a dataset split with a trained or imported model.
+
+    ehrxdiff sample --checkpoint RUN --data DATA --split test --out GEN
+        [--sampler ddim|ddpm|dpmpp_2m --steps 100 --eta 1.0 --guidance 1.0 --seeds 0,1,2 --ema/--no-ema
+         --batch N --limit N --step N --overwrite] [--config.sample.x=y ...]
+    ehrxdiff sample --from-torch EHRXDIFF.ckpt --config configs/ehrxdiff.py --data DATA --out GEN ...
+
+RUN is a training workdir (config.json + checkpoints/<step>/) or the output of `ehrxdiff convert`; its
+saved config is used (--config.* overrides apply on top, e.g. the mesh). With --from-torch the weights come
+from a published PyTorch checkpoint (interop.ehrxdiff.import_ehrxdiff; --config names the architecture).
+
+Output (written under OUT.tmp-<pid> and renamed to OUT at the end):
+    OUT/seed{S}/{sample_key}.png   8-bit grey prediction at the data's image size (--png-size to resize)
+    OUT/grid.png                   previous | prediction per seed | target, for the first --grid samples
+    OUT/manifest.json              config, checkpoint, sampler settings, seeds, keys, count, timings:
+                                   load_s, first_call_s (the first call, compilation included), per_seed_s
+                                   and images_per_s over the other calls, wall_s
+
+The split is read in record order with a static batch shape (the last batch is padded and the padded
+outputs dropped); the conditioner, every denoising step and the decoder run as one jitted program per
+batch and seed. Sample i's noise depends only on (seed, sample key) (sample.per_sample_keys), so results
+do not depend on --batch or the device count. A checkpoint whose config does not match the data (image
+size, event dim, max events, schema version) is refused, naming both values.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+
+log = logging.getLogger("ehrxdiff.sample")
+
+GRID_SAMPLES = 8
+
+
+class SampleError(RuntimeError):
+  """A user-facing error of `ehrxdiff sample` (printed as 'error: ...', exit status 2)."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  src = parser.add_argument_group("model")
+  src.add_argument("--checkpoint", default=None, help="training workdir / `ehrxdiff convert` output (or its "
+                   "checkpoints/ or checkpoints/<step> folder)")
+  src.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+  src.add_argument("--from-torch", default=None, metavar="FILE",
+                   help="published EHRXDiff Lightning .ckpt instead of --checkpoint (needs --config)")
+  src.add_argument("--config", default=None, help="config file for --from-torch (configs/*.py[:ARG])")
+  src.add_argument("--vae-mismatch", choices=("error", "warn"), default="error",
+                   help="--from-torch: when the conditioner's VAE copy differs from first_stage_model")
+  data = parser.add_argument_group("data and output")
+  data.add_argument("--data", required=True, help="dataset directory written by `ehrxdiff prepare`")
+  data.add_argument("--split", default="test")
+  data.add_argument("--out", required=True, help="output directory")
+  data.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+  data.add_argument("--limit", type=int, default=None, help="only the first N samples of the split")
+  data.add_argument("--png-size", type=int, default=None, help="resize PNGs to N x N (default: data size)")
+  data.add_argument("--grid", type=int, default=GRID_SAMPLES, help="samples in grid.png (0: no grid)")
+  smp = parser.add_argument_group("sampler (defaults: the config's `sample` fields)")
+  smp.add_argument("--sampler", default=None, help="ddim | ddpm | dpmpp_2m")
+  smp.add_argument("--steps", type=int, default=None)
+  smp.add_argument("--eta", type=float, default=None, help="DDIM eta (1.0: the reference)")
+  smp.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1: none)")
+  smp.add_argument("--seeds", default="0", help="comma-separated seeds, one image per sample and seed")
+  smp.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
+                   help="use the EMA UNet (default: config sample.use_ema)")
+  smp.add_argument("--batch", type=int, default=None, help="global batch (default: sample.batch_size)")
+  parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+# ----------------------------------------------------------------------------- config and checkpoint
+
+
+def _tuplify(x):
+  if isinstance(x, dict):
+    return {k: _tuplify(v) for k, v in x.items()}
+  if isinstance(x, list):
+    return tuple(_tuplify(v) for v in x)
+  return x
+
+
+def read_saved_config(workdir: str):
+  """The ConfigDict saved as WORKDIR/config.json by `ehrxdiff train` / `ehrxdiff convert` (lists -> tuples)."""
+  import ml_collections
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise SampleError(f"no config.json in {workdir}: not a training workdir or `ehrxdiff convert` output")
+  with open(path) as f:
+    return ml_collections.ConfigDict(_tuplify(json.load(f)))
+
+
+def resolve_checkpoint(path: str, step: int | None = None) -> tuple[str, str, int]:
+  """RUN, RUN/checkpoints or RUN/checkpoints/<step> -> (workdir, step folder, step)."""
+  path = os.path.abspath(os.path.expanduser(path))
+  if not os.path.isdir(path):
+    raise SampleError(f"no checkpoint directory at {path}")
+  if os.path.isdir(os.path.join(path, "state")) and os.path.basename(path).isdigit():
+    step_dir = path
+    workdir = os.path.dirname(os.path.dirname(path))
+    if step is not None and int(os.path.basename(path)) != step:
+      raise SampleError(f"--step {step} but {path} is step {os.path.basename(path)}")
+    return workdir, step_dir, int(os.path.basename(path))
+  ckpt = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+  workdir = os.path.dirname(ckpt) if os.path.basename(ckpt) == "checkpoints" else path
+  steps = sorted(int(d) for d in os.listdir(ckpt) if d.isdigit() and os.path.isdir(os.path.join(ckpt, d, "state")))
+  if not steps:
+    raise SampleError(f"no complete checkpoint under {ckpt}")
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    raise SampleError(f"no checkpoint of step {step} under {ckpt}; steps: {steps}")
+  return workdir, os.path.join(ckpt, str(step)), step
+
+
+def _state_metadata(state_dir: str) -> dict:
+  import orbax.checkpoint as ocp
+  meta = ocp.PyTreeCheckpointer().metadata(state_dir)
+  tree = meta
+  for attr in ("item_metadata", "tree"):
+    tree = getattr(tree, attr, tree)
+  return dict(tree)
+
+
+def _shape_problems(saved, expected, where: str) -> list[str]:
+  import jax
+  s = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
+  e = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(expected)[0]}
+  out = [f"{where}{k}: missing in the checkpoint (config shape {tuple(e[k].shape)})" for k in sorted(set(e) - set(s))]
+  out += [f"{where}{k}: in the checkpoint but not in the config's model" for k in sorted(set(s) - set(e))]
+  out += [f"{where}{k}: checkpoint {tuple(s[k].shape)}, config {tuple(e[k].shape)}"
+          for k in sorted(set(s) & set(e)) if tuple(s[k].shape) != tuple(e[k].shape)]
+  return out
+
+
+def restore_ldm(step_dir: str, cfg, sharding, use_ema: bool | None) -> tuple[dict, bool, dict]:
+  """(params with the EMA UNet swapped in when used, whether EMA was used, saved meta) of a checkpoint.
+
+  Reads only 'params' (and 'ema_params') of the saved state (orbax partial restore), placed with
+  `sharding` (e.g. replicated over the mesh); shapes are checked against the config first."""
+  import jax
+  import orbax.checkpoint as ocp
+
+  from ehrxdiff_jax.interop.ehrxdiff import expected_ldm_params
+  state_dir = os.path.join(step_dir, "state")
+  saved = _state_metadata(state_dir)
+  if "params" not in saved:
+    raise SampleError(f"{state_dir} is not a training-state checkpoint (no 'params'; has {sorted(saved)})")
+  expected = expected_ldm_params(cfg)
+  parts = sorted(saved["params"]) if isinstance(saved["params"], dict) else []
+  if not set(expected) <= set(parts):
+    raise SampleError(f"{step_dir} holds the parameters {parts} (train.objective="
+                      f"{cfg.train.get('objective', '?')!r}), not a latent diffusion model {sorted(expected)}")
+  problems = _shape_problems({k: saved["params"].get(k, {}) for k in expected}, expected, "params")
+  if problems:
+    raise SampleError(f"the checkpoint {step_dir} does not match its config ({len(problems)} problems): "
+                      + "; ".join(problems[:8]))
+  has_ema = "unet" in (saved.get("ema_params") or {})
+  if use_ema and not has_ema:
+    if use_ema == "explicit":
+      raise SampleError(f"--ema: the checkpoint {step_dir} has no EMA parameters (use --no-ema)")
+    log.warning("the checkpoint has no EMA UNet; sampling with the raw parameters")
+  use = bool(use_ema) and has_ema
+  item = {"params": expected}
+  if use:
+    item["ema_params"] = {"unet": expected["unet"]}
+  item = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), item)
+  restored = ocp.PyTreeCheckpointer().restore(
+      state_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                                             partial_restore=True))
+  params = dict(restored["params"])
+  if use:
+    params["unet"] = restored["ema_params"]["unet"]
+  meta = {}
+  meta_path = os.path.join(step_dir, "meta", "metadata")
+  if os.path.exists(meta_path):
+    with open(meta_path) as f:
+      meta = json.load(f)
+  return params, use, meta
+
+
+# ----------------------------------------------------------------------------- data checks
+
+
+def check_data(cfg, data_dir: str, split: str) -> dict:
+  """The dataset manifest, after refusing a dataset the model cannot read (names both values)."""
+  from ehrxdiff_jax import pipeline
+  from ehrxdiff_jax import records as rec
+  path = os.path.join(data_dir, rec.MANIFEST)
+  if not os.path.exists(path):
+    raise SampleError(f"{path} not found: {data_dir} is not a dataset written by `ehrxdiff prepare`")
+  with open(path) as f:
+    man = json.load(f)
+  problems = []
+  if man.get("schema_version") != rec.SCHEMA_VERSION:
+    problems.append(f"schema version: the data has {man.get('schema_version')}, this code reads {rec.SCHEMA_VERSION}")
+  if int(man.get("image_size", -1)) != int(cfg.data.image_size):
+    problems.append(f"image size: the data has {man.get('image_size')}, the model's config has "
+                    f"data.image_size={cfg.data.image_size}")
+  streams = tuple(cfg.model.conditioner.cross_attention)
+  if "table" in streams:
+    if int(man.get("event_dim", -1)) != int(cfg.model.table_tower.event_dim):
+      problems.append(f"event dim: the data has {man.get('event_dim')}, the model's config has "
+                      f"model.table_tower.event_dim={cfg.model.table_tower.event_dim}")
+    if "max_events" in man and int(man["max_events"]) != int(cfg.model.conditioner.max_events):
+      problems.append(f"max events: the data has {man['max_events']}, the model's config has "
+                      f"model.conditioner.max_events={cfg.model.conditioner.max_events}")
+  if problems:
+    raise SampleError(f"the model does not match the data in {data_dir}: " + "; ".join(problems))
+  pipeline.read_manifest(data_dir)  # its own checks (same schema rule)
+  if split not in man.get("splits", {}):
+    raise SampleError(f"{data_dir}: no split {split!r}; splits are {sorted(man.get('splits', {}))}")
+  return man
+
+
+# ----------------------------------------------------------------------------- output directory
+
+
+def prepare_out(out: str, overwrite: bool) -> tuple[str, str]:
+  """(final path, temporary path) after refusing a non-empty `out` without --overwrite."""
+  out = os.path.abspath(out.rstrip("/"))
+  if os.path.isfile(out):
+    raise SampleError(f"--out {out} is a file")
+  if os.path.isdir(out) and os.listdir(out) and not overwrite:
+    raise SampleError(f"output directory {out} exists and is not empty; pass --overwrite to replace it")
+  tmp = f"{out}.tmp-{os.getpid()}"
+  if os.path.exists(tmp):
+    shutil.rmtree(tmp)
+  os.makedirs(tmp)
+  return out, tmp
+
+
+def commit_out(tmp: str, out: str) -> None:
+  old = None
+  if os.path.exists(out):
+    old = f"{out}.old-{os.getpid()}"
+    os.rename(out, old)
+  os.rename(tmp, out)
+  if old:
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+def make_generate(cfg, sharding, **settings):
+  """`sample.make_generate_fn` over this config's networks (Flax modules wrapped as plain functions)."""
+  from ehrxdiff_jax import models
+  from ehrxdiff_jax import sample as smp
+  vae, unet, cond = models.build_vae(cfg), models.build_unet(cfg), models.build_conditioner(cfg)
+
+  def unet_apply(p, x, t, context):
+    return unet.apply({"params": p}, x, t, context)
+
+  def conditioner_apply(p, prev_image, prev_mean, events, event_mask):
+    return cond.apply({"params": p}, prev_image, prev_mean, events, event_mask, deterministic=True)
+
+  def vae_decode(p, z):
+    return vae.apply({"params": p}, z, method=vae.decode)
+
+  def vae_encode_mean(p, image):
+    return vae.apply({"params": p}, image, method=vae.encode).mean
+
+  return smp.make_generate_fn(unet_apply, conditioner_apply, vae_decode, cfg, vae_encode_mean=vae_encode_mean,
+                              sharding=sharding, **settings)
+
+
+def sampling_mesh(cfg):
+  """The config's mesh when it fits the devices at hand, else every device on the 'data' axis.
+
+  Sampling replicates the parameters and shards only the batch, so a run trained on another mesh (e.g.
+  data=2 x fsdp=4 on 8 devices) samples on any number of devices."""
+  import copy
+
+  from ehrxdiff_jax import parallel
+  try:
+    return parallel.make_mesh(cfg)
+  except ValueError as e:
+    c = copy.deepcopy(cfg)
+    c.mesh.shape = type(cfg.mesh.shape)(dict(data=-1, fsdp=1, tensor=1))
+    log.info("sampling on a data-parallel mesh (%s)", e)
+    return parallel.make_mesh(c)
+
+
+def _parse_seeds(text: str) -> list[int]:
+  try:
+    seeds = [int(s) for s in str(text).split(",") if s.strip() != ""]
+  except ValueError:
+    raise SampleError(f"--seeds {text!r}: expected comma-separated integers") from None
+  if not seeds or len(set(seeds)) != len(seeds):
+    raise SampleError(f"--seeds {text!r}: expected distinct integers")
+  return seeds
+
+
+def _safe_name(key: str) -> str:
+  name = "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
+  return name or "sample"
+
+
+def _pad(batch: dict, size: int) -> dict:
+  n = len(batch["prev_image"])
+  if n == size:
+    return batch
+  idx = np.concatenate([np.arange(n), np.full(size - n, n - 1)])
+  return {k: np.asarray(v)[idx] for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def run(args) -> int:
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  from ehrxdiff_jax.interop.common import ConversionError
+  try:
+    return _run(args)
+  except (SampleError, ConversionError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+
+def _load_config(args):
+  """(cfg, source description) from --checkpoint (its saved config) or --from-torch (--config)."""
+  from ehrxdiff_jax.config_util import apply_override, load_config
+  if bool(args.checkpoint) == bool(args.from_torch):
+    raise SampleError("pass exactly one of --checkpoint DIR and --from-torch FILE")
+  if args.from_torch:
+    if not args.config:
+      raise SampleError("--from-torch needs --config (the architecture of the checkpoint)")
+    if not os.path.exists(args.from_torch):
+      raise SampleError(f"no checkpoint file at {args.from_torch}")
+    cfg = load_config(args.config, args.config_overrides)
+    return cfg, {"from_torch": os.path.abspath(args.from_torch), "config_file": args.config}
+  if args.config:
+    raise SampleError("--config is only for --from-torch; a checkpoint is sampled with its saved config "
+                      "(change fields with --config.a.b=v)")
+  workdir, step_dir, step = resolve_checkpoint(args.checkpoint, args.step)
+  cfg = read_saved_config(workdir)
+  for item in args.config_overrides:
+    apply_override(cfg, item)
+  return cfg, {"checkpoint": step_dir, "workdir": workdir, "step": step}
+
+
+def _run(args) -> int:
+  import jax
+
+  from ehrxdiff_jax import parallel, pipeline
+  from ehrxdiff_jax import images_io
+  from ehrxdiff_jax import sample as smp
+
+  seeds = _parse_seeds(args.seeds)
+  # Refuse a non-empty --out before anything slow happens.
+  out = os.path.abspath(args.out.rstrip("/"))
+  if os.path.isdir(out) and os.listdir(out) and not args.overwrite:
+    raise SampleError(f"output directory {out} exists and is not empty; pass --overwrite to replace it")
+  if os.path.isfile(out):
+    raise SampleError(f"--out {out} is a file")
+
+  cfg, source = _load_config(args)
+  man = check_data(cfg, args.data, args.split)
+
+  mesh = sampling_mesh(cfg)
+  dp = parallel.data_parallel_size(mesh)
+  batch_sharding = parallel.batch_sharding(mesh)
+  replicated = parallel.replicated(mesh)
+  use_ema = cfg.sample.use_ema if args.ema is None else ("explicit" if args.ema else False)
+
+  t_load = time.perf_counter()
+  if args.from_torch:
+    from ehrxdiff_jax.interop.ehrxdiff import load_torch_weights
+    imported = load_torch_weights(args.from_torch, "ehrxdiff", cfg, vae_mismatch=args.vae_mismatch)
+    params = dict(imported.params)
+    used_ema = bool(use_ema) and imported.ema_params is not None
+    if use_ema == "explicit" and imported.ema_params is None:
+      raise SampleError(f"--ema: {args.from_torch} has no model_ema.* weights (use --no-ema)")
+    if used_ema:
+      params["unet"] = imported.ema_params["unet"]
+    params = jax.device_put(params, replicated)
+    source["import"] = {k: v for k, v in imported.info.items() if k != "fields"}
+  else:
+    params, used_ema, meta = restore_ldm(source["checkpoint"], cfg, replicated, use_ema)
+    source["meta"] = meta
+  load_s = time.perf_counter() - t_load
+
+  s = cfg.sample
+  settings = dict(sampler=args.sampler or s.sampler, steps=int(args.steps or s.steps),
+                  eta=float(s.eta if args.eta is None else args.eta),
+                  guidance_scale=float(s.guidance_scale if args.guidance is None else args.guidance))
+  try:
+    generate = make_generate(cfg, batch_sharding, **settings)
+  except ValueError as e:
+    raise SampleError(str(e)) from None
+  settings = dict(generate.settings)
+  batch_size = int(args.batch or s.batch_size)
+  if batch_size < 1:
+    raise SampleError(f"--batch {batch_size}: must be positive")
+  if batch_size % dp:
+    padded = -(-batch_size // dp) * dp
+    log.info("batch %d rounded up to %d (a multiple of the %d data-parallel devices)", batch_size, padded, dp)
+    batch_size = padded
+
+  total = int(man["splits"][args.split]["samples"])
+  count = total if args.limit is None else max(0, min(total, int(args.limit)))
+  if count == 0:
+    raise SampleError(f"split {args.split!r} of {args.data} has no samples to generate (limit {args.limit})")
+  config_data = dict(image_size=int(cfg.data.image_size), w_null=False, augment_target=False,
+                     cached_latents=False, num_workers=0)
+  if cfg.data.get("labels", None):
+    config_data["labels"] = cfg.data.labels
+  loader = pipeline.make_loader(args.data, args.split, global_batch_size=batch_size, config_data=config_data,
+                                shuffle=False, num_epochs=1, drop_remainder=False, process_index=0,
+                                process_count=1, max_events=int(cfg.model.conditioner.max_events))
+
+  final, tmp = prepare_out(out, args.overwrite)
+  try:
+    for sd in seeds:
+      os.makedirs(os.path.join(tmp, f"seed{sd}"))
+    n_batches = -(-count // batch_size)
+    bar = None
+    if not args.no_progress:
+      from tqdm import tqdm
+      bar = tqdm(total=count * len(seeds), desc="sample", unit="img", dynamic_ncols=True)
+    timings = {sd: 0.0 for sd in seeds}
+    first_call_s = None
+    grid_rows: dict = {"prev": [], "target": [], "keys": [], **{sd: [] for sd in seeds}}
+    keys_written: list[str] = []
+    done = 0
+    t_all = time.perf_counter()
+    for bi, host in enumerate(loader):
+      if done >= count:
+        break
+      n = min(len(host["prev_image"]), count - done)
+      host = {k: np.asarray(v)[:n] for k, v in host.items()}
+      keys = [k.decode() if isinstance(k, (bytes, np.bytes_)) else str(k) for k in host["key"]]
+      padded = _pad(host, batch_size)
+      for sd in seeds:
+        rng = smp.per_sample_keys(sd, [k.encode() for k in keys] + [keys[-1].encode()] * (batch_size - n))
+        t0 = time.perf_counter()
+        images = np.asarray(jax.device_get(generate(params, padded, rng)))[:n]
+        dt = time.perf_counter() - t0
+        if first_call_s is None:
+          first_call_s = dt  # includes compilation
+        else:
+          timings[sd] += dt
+        for key, img in zip(keys, images):
+          images_io.write_png(os.path.join(tmp, f"seed{sd}", _safe_name(key) + ".png"), img, args.png_size)
+        if len(grid_rows[sd]) < args.grid:
+          grid_rows[sd].extend(images[: args.grid - len(grid_rows[sd])])
+        if bar is not None:
+          bar.update(n)
+      if len(grid_rows["prev"]) < args.grid:
+        m = args.grid - len(grid_rows["prev"])
+        grid_rows["prev"].extend(host["prev_image"][:m])
+        grid_rows["target"].extend(host["target_image"][:m])
+        grid_rows["keys"].extend(keys[:m])
+      keys_written.extend(keys)
+      done += n
+    if bar is not None:
+      bar.close()
+    wall = time.perf_counter() - t_all
+    if args.grid > 0 and grid_rows["prev"]:
+      columns = [("previous", np.stack(grid_rows["prev"]))]
+      columns += [(f"pred s{sd}" if len(seeds) > 1 else "predicted", np.stack(grid_rows[sd])) for sd in seeds]
+      columns.append(("target", np.stack(grid_rows["target"])))
+      images_io.write_grid(os.path.join(tmp, "grid.png"), columns, row_labels=grid_rows["keys"])
+    calls = n_batches * len(seeds)
+    timed_calls = calls - 1
+    timed_images = done * len(seeds) - min(batch_size, done)
+    steady = sum(timings.values())
+    manifest = {
+        "count": done, "split": args.split, "data": os.path.abspath(args.data), "seeds": seeds,
+        "keys": keys_written,
+        "source": source, "used_ema": bool(used_ema),
+        "sampler": {**settings, "batch_size": batch_size, "devices": int(mesh.devices.size),
+                    "data_parallel": dp},
+        "timings": {
+            "load_s": round(load_s, 3), "first_call_s": round(first_call_s or 0.0, 3), "wall_s": round(wall, 3),
+            "per_seed_s": {str(k): round(v, 3) for k, v in timings.items()},
+            "images_per_s": (round(timed_images / steady, 4) if timed_calls > 0 and steady > 0 else None),
+            "images_per_s_incl_compile": round(done * len(seeds) / wall, 4) if wall > 0 else None,
+        },
+        "png_size": args.png_size or int(cfg.data.image_size),
+        "config": json.loads(cfg.to_json_best_effort(sort_keys=True)),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    tmp_m = os.path.join(tmp, "manifest.json")
+    with open(tmp_m, "w") as f:
+      json.dump(manifest, f, indent=1, default=str)
+    commit_out(tmp, final)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  ips = manifest["timings"]["images_per_s"]
+  log.info("wrote %d images x %d seeds to %s in %.1fs (%s images/s after compilation)", done, len(seeds), final,
+           wall, "n/a" if ips is None else f"{ips:.2f}")
+  return 0
