@@ -11,7 +11,10 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[torch,test]'
+	$(PY) -m pip install -q -e '.[torch,test,lpips]'
+	# PyTorch LPIPS for the parity test only; --no-deps because it asks for torchvision, which does not
+	# import beside the CPU torch wheel used here (and the test needs only its linear layers).
+	$(PY) -m pip install -q --no-deps lpips==0.1.4
 	touch $@
 
 demo: setup

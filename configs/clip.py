@@ -1,0 +1,62 @@
+"""CLIP pretraining of the conditioner's image and table towers on (I_prev, S_event) pairs.
+
+    ehrxdiff train --config configs/clip.py --data DIR --workdir runs/clip \
+        [--config.train.clip_vision_init=clip-vit-base-patch32.safetensors]
+    ehrxdiff train --config configs/clip.py:tiny --data DIR --workdir runs/clip_tiny     # CPU demo / tests
+
+Then initialise the diffusion model's conditioner from it: `--config.train.init_from=runs/clip`.
+
+Reference settings (model-facts.md): global batch 1024, AdamW lr 5e-4, betas (0.9, 0.98), eps 1e-6,
+weight decay 0.2, 100 epochs (~99 steps per epoch on the paper's 101,819 training pairs), logit scale
+init ln(1/0.07) clamped at ln 100, RandomResizedCrop(256, scale 0.75-1, ratio 1) on I_prev, table
+embedding = mean over the valid event tokens. The schedule is a linear warm-up then cosine decay to 0 over
+`num_steps` (the reference uses cosine cycles of 500 steps with 100 warm-up steps that restart; set
+num_steps=500 to get its first cycle).
+
+CLIP options (train.clip_*):
+  clip_vision_init   '' (random image tower) or a transformers CLIPVisionModel / CLIPModel state dict
+                     (.safetensors / .bin / .pt) or an OpenAI-CLIP `visual.*` one; the reference starts
+                     from OpenAI ViT-B/32 (224 px). Nothing is downloaded: pass the file.
+  clip_pos_embed     'interpolate' (bicubic 7x7+1 -> 8x8+1) | 'reinit' (the reference: keep a fresh one)
+  clip_pool          'mean' (mean over valid tokens) | 'reference_sum' (the reference's sum over all 1024
+                     slots, padding included, divided by the valid count)
+  clip_augment, clip_crop_scale   the RandomResizedCrop on the image (training only)
+"""
+import math
+
+from configs import base, tiny
+
+
+def get_config(arg: str | None = None):
+  if arg not in (None, "", "tiny"):
+    raise ValueError(f"unknown clip config variant {arg!r}; expected 'tiny' or nothing")
+  c = tiny.get_config() if arg == "tiny" else base.get_config()
+  c.name = "clip_tiny" if arg == "tiny" else "clip"
+  t = c.train
+  t.objective = "clip"
+  t.learning_rate = 5e-4
+  t.b1, t.b2, t.eps = 0.9, 0.98, 1e-6
+  t.weight_decay = 0.2
+  t.schedule = "cosine"
+  t.clip_vision_init = ""
+  t.clip_pos_embed = "interpolate"
+  t.clip_pool = "mean"
+  t.clip_augment = True
+  t.clip_crop_scale = (0.75, 1.0)
+  t.clip_logit_scale_init = math.log(1 / 0.07)
+  t.clip_max_logit_scale = math.log(100.0)
+  if arg == "tiny":
+    t.batch_size = 16
+    t.num_steps = 100
+    t.warmup_steps = 10
+    t.learning_rate = 1e-3
+    t.log_every = 10
+    t.eval_every = 50
+    t.ckpt_every = 50
+  else:
+    t.batch_size = 1024
+    t.num_steps = 10_000
+    t.warmup_steps = 100
+    t.eval_every = 500
+    t.ckpt_every = 1000
+  return c

@@ -1,0 +1,180 @@
+"""`ehrxdiff train`: train the objective named by `c.train.objective` (ldm | clip | vae | table_classifier).
+
+    ehrxdiff train --config configs/tiny.py --data DIR --workdir DIR [--force] [--config.x=y ...]
+    # multi-host without SLURM / TPU: add --coordinator HOST:PORT --num-processes N --process-id I
+
+A second invocation with the same workdir resumes from the latest complete checkpoint (the model, the
+optimiser, the EMA and the data iterator). The resolved config is saved as WORKDIR/config.json; a workdir
+holding a run of a different config is refused unless --force (fields in `RESUMABLE_KEYS` may change).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+# Config fields that may differ between a run and its resumption (they do not change the model or the
+# optimisation trajectory up to the point of resumption).
+RESUMABLE_KEYS = ("train.num_steps", "train.log_every", "train.eval_every", "train.eval_batches",
+                  "train.ckpt_every", "train.keep_checkpoints", "train.sample_every", "data.dir",
+                  "data.num_workers", "data.read_threads", "data.prefetch", "sample", "mesh")
+
+log = logging.getLogger("ehrxdiff.train")
+
+
+def add_arguments(parser):
+  parser.add_argument("--config", required=True, help="config file (configs/*.py), optionally FILE:ARG")
+  parser.add_argument("--data", default=None, help="dataset directory written by `ehrxdiff prepare` "
+                      "(default: config data.dir); 'synthetic' trains on random in-memory batches")
+  parser.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, TensorBoard, config.json")
+  parser.add_argument("--force", action="store_true", help="reuse a workdir that holds a different config")
+  parser.add_argument("--steps", type=int, default=None, help="stop at this step (default train.num_steps)")
+  parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+  parser.add_argument("--coordinator", default=None, help="multi-host: coordinator address HOST:PORT")
+  parser.add_argument("--num-processes", type=int, default=None, help="multi-host: number of processes")
+  parser.add_argument("--process-id", type=int, default=None, help="multi-host: this process's index")
+
+
+def _flatten(d, prefix=""):
+  out = {}
+  for k, v in d.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict):
+      out.update(_flatten(v, key + "."))
+    else:
+      out[key] = v
+  return out
+
+
+def config_dict(cfg) -> dict:
+  return json.loads(cfg.to_json_best_effort(sort_keys=True))
+
+
+def config_differences(old: dict, new: dict) -> list[str]:
+  """Keys whose values differ, ignoring RESUMABLE_KEYS (and everything under them)."""
+  a, b = _flatten(old), _flatten(new)
+  diffs = []
+  for k in sorted(set(a) | set(b)):
+    if any(k == r or k.startswith(r + ".") for r in RESUMABLE_KEYS):
+      continue
+    if a.get(k, "<absent>") != b.get(k, "<absent>"):
+      diffs.append(f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}")
+  return diffs
+
+
+def check_workdir(workdir: str, cfg, force: bool, write: bool = True) -> None:
+  """Refuses a workdir whose config.json is a different config (unless force); writes config.json."""
+  path = os.path.join(workdir, "config.json")
+  new = config_dict(cfg)
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    diffs = config_differences(old, new)
+    if diffs and not force:
+      raise SystemExit(f"error: {workdir} holds a run of a different config ({len(diffs)} differences: "
+                       + "; ".join(diffs[:8]) + ("; ..." if len(diffs) > 8 else "")
+                       + "). Use another --workdir, or --force to train there anyway.")
+  if write:
+    os.makedirs(workdir, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(new, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def make_data(cfg, objective, mesh, data_dir: str):
+  """(train iterator, eval iterator factory or None, schema note) for this process."""
+  from ehrxdiff_jax import parallel
+  from ehrxdiff_jax.train.loop import SyntheticBatches
+  b = int(cfg.train.batch_size)
+  if data_dir == "synthetic":
+    rows = parallel.process_batch_rows(mesh, b)
+    template = objective.dummy_batch(1)
+    train = SyntheticBatches(template, b, seed=int(cfg.data.shuffle_seed), rows=rows)
+    return train, (lambda: SyntheticBatches(template, b, seed=10_000 + int(cfg.data.shuffle_seed), rows=rows))
+  from ehrxdiff_jax import pipeline
+  manifest = pipeline.read_manifest(data_dir)  # refuses a schema version mismatch, naming both versions
+  max_events = int(cfg.model.conditioner.max_events)
+  train = iter(pipeline.make_loader(data_dir, cfg.data.train_split, global_batch_size=b, config_data=cfg.data,
+                                    seed=int(cfg.data.shuffle_seed), shuffle=True, max_events=max_events))
+  eval_fn = None
+  valid = cfg.data.valid_split
+  if valid and valid in manifest.get("splits", {valid: None}) and int(cfg.train.eval_every) > 0:
+    def eval_fn():
+      return iter(pipeline.make_loader(data_dir, valid, global_batch_size=b, config_data=cfg.data, seed=0,
+                                       shuffle=False, num_epochs=1, max_events=max_events))
+  return train, eval_fn
+
+
+def run(args) -> int:
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
+  from ehrxdiff_jax import parallel
+  parallel.init_distributed(args.coordinator, args.num_processes, args.process_id)
+
+  import jax
+  from ehrxdiff_jax.config_util import load_config
+  from ehrxdiff_jax.train import make_objective
+  from ehrxdiff_jax.train.checkpoint import Checkpointer
+  from ehrxdiff_jax.train.loop import NonFiniteLoss, Trainer, fit
+
+  cfg = load_config(args.config, args.config_overrides)
+  if args.data:
+    cfg.data.dir = args.data
+  data_dir = cfg.data.dir
+  if not data_dir:
+    raise SystemExit("error: no data: pass --data DIR (or --data synthetic)")
+  if data_dir != "synthetic":
+    from ehrxdiff_jax import pipeline
+    pipeline.read_manifest(data_dir)  # schema version check before anything compiles
+  workdir = os.path.abspath(args.workdir)
+  check_workdir(workdir, cfg, args.force, write=jax.process_index() == 0)
+
+  mesh = parallel.make_mesh(cfg)
+  parallel.check_batch(cfg, mesh)  # a clear error before anything compiles
+  objective = make_objective(cfg)
+  trainer = Trainer(cfg, objective, mesh)
+  if jax.process_index() == 0:
+    log.info("%s: %s; %d parameters (%d trainable); global batch %d (%d x %d accumulation)", cfg.name,
+             parallel.describe(mesh), trainer.param_count(), trainer.param_count(True), trainer.global_batch,
+             trainer.global_batch // trainer.grad_accum, trainer.grad_accum)
+
+  train_iter, eval_fn = make_data(cfg, objective, mesh, data_dir)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(cfg.train.keep_checkpoints))
+  latest = ckpt.latest_step()
+  if latest is not None:
+    state, meta = ckpt.restore(trainer.abstract_state(), latest, data_iter=train_iter)
+    log.info("resumed from step %d (%s)", latest, ckpt.directory)
+  else:
+    state = trainer.init_state()
+    if cfg.train.init_from:
+      state = initialise_from(state, cfg.train.init_from, trainer)
+  meta = {"config_name": cfg.name, "objective": cfg.train.objective}
+  hooks = []
+  if int(cfg.train.sample_every) > 0 and hasattr(objective, "sample_hook"):
+    batches = eval_fn() if eval_fn is not None else make_data(cfg, objective, mesh, data_dir)[0]
+    hooks.append(objective.sample_hook(trainer, next(batches), int(cfg.train.sample_every)))
+  try:
+    state = fit(trainer, state, train_iter, num_steps=args.steps, workdir=workdir, checkpointer=ckpt,
+                eval_iter_fn=eval_fn, meta=meta, progress=not args.no_progress, hooks=tuple(hooks))
+  except NonFiniteLoss as e:
+    print(f"error: {e}", file=sys.stderr)
+    ckpt.close()
+    return 3
+  ckpt.close()
+  log.info("stopped at step %d; checkpoints in %s", int(jax.device_get(state.step)), ckpt.directory)
+  return 0
+
+
+def initialise_from(state, path: str, trainer):
+  """Copies matching top-level parameter parts from another run's latest checkpoint (e.g. CLIP towers).
+
+  Hook for the CLIP / VAE trainers: the mapping of a pretraining checkpoint into this objective's
+  parameters belongs to the objective (`objective.init_from(state, path)` when it defines one).
+  """
+  hook = getattr(trainer.objective, "init_from", None)
+  if hook is None:
+    raise NotImplementedError(f"train.init_from={path!r}: objective {trainer.objective.name!r} "
+                              "does not define init_from")
+  return hook(state, path, trainer)

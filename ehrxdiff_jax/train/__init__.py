@@ -1,0 +1,28 @@
+"""Training: one machinery (`loop.Trainer`, `loop.fit`, `checkpoint.Checkpointer`) and one objective per
+trainer. `OBJECTIVES` maps `c.train.objective` to the module whose `make_objective(cfg)` builds it:
+adding a trainer = adding a module here, not a loop."""
+from __future__ import annotations
+
+import importlib
+
+OBJECTIVES = {
+    "ldm": "ehrxdiff_jax.train.ldm",
+    "clip": "ehrxdiff_jax.train.clip",
+    "vae": "ehrxdiff_jax.train.vae",
+    "table_classifier": "ehrxdiff_jax.train.classifier",
+    "toy": "ehrxdiff_jax.train.toy",  # a seconds-fast stand-in for machinery tests and cluster smoke tests
+}
+
+
+def make_objective(cfg):
+  """The objective named by `cfg.train.objective`."""
+  name = cfg.train.objective
+  if name not in OBJECTIVES:
+    raise ValueError(f"unknown train.objective {name!r}; expected one of {sorted(OBJECTIVES)}")
+  try:
+    module = importlib.import_module(OBJECTIVES[name])
+  except ModuleNotFoundError as e:
+    if e.name == OBJECTIVES[name]:
+      raise NotImplementedError(f"the {name!r} trainer ({OBJECTIVES[name]}) is not written yet") from None
+    raise
+  return module.make_objective(cfg)

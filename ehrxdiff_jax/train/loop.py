@@ -1,0 +1,517 @@
+"""The one training machinery: sharded state, the jitted step, and the loop around it.
+
+    trainer = Trainer(cfg, objective, mesh)          # shardings, optimiser, jitted step (nothing compiled yet)
+    state = trainer.init_state()                      # or Checkpointer.restore(trainer.abstract_state())
+    state = fit(trainer, state, train_iter, workdir=..., checkpointer=..., eval_iter_fn=...)
+
+The step: `train_step(state, batch) -> (state, metrics)`, one `jax.jit` with explicit in/out shardings
+and the state donated. The step's randomness is `fold_in(state.rng, state.step)` (a resumed run repeats
+it exactly). Gradient accumulation: the global batch is split into `grad_accum` micro-batches (each
+still sharded over the data axes) and `lax.scan` sums their gradients. Metrics: loss, grad_norm (before
+clipping), lr, plus the objective's own.
+
+`fit` adds: the progress bar (step, loss, samples/s, MFU, ETA), TensorBoard scalars and metrics.jsonl
+(process 0), periodic validation, periodic and SIGTERM checkpoints, and a stop on a non-finite loss that
+names the step and keeps the last good checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+from typing import Callable, Iterator
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ehrxdiff_jax import parallel
+from ehrxdiff_jax.train import state as state_lib
+from ehrxdiff_jax.train.objective import Objective
+from ehrxdiff_jax.train.state import TrainState
+
+log = logging.getLogger(__name__)
+
+
+_norm = optax.tree.norm if hasattr(optax, "tree") and hasattr(optax.tree, "norm") else optax.global_norm
+
+
+class NonFiniteLoss(RuntimeError):
+  """The loss (or gradient norm) became NaN or infinite; `.step` is the step that produced it."""
+
+  def __init__(self, step: int, loss: float, grad_norm: float):
+    super().__init__(f"non-finite loss at step {step} (loss={loss}, grad_norm={grad_norm}); stopping. "
+                     "The last good checkpoint is kept; lower the learning rate, enable train.grad_clip "
+                     "or check the data before resuming.")
+    self.step = step
+
+
+# ------------------------------------------------------------------ device peak FLOP/s (dense, per chip)
+
+PEAK_FLOPS = (  # (substring of device_kind, lower-cased), bf16 dense FLOP/s
+    ("h200", 989e12), ("h100", 989e12), ("gh200", 989e12), ("a100", 312e12), ("a6000", 155e12),
+    ("l40s", 362e12), ("l4", 121e12), ("v100", 125e12),
+    ("tpu v4", 275e12), ("tpu v5p", 459e12), ("tpu v5 lite", 197e12), ("tpu v5e", 197e12),
+    ("tpu v6", 918e12),
+)
+
+
+def peak_flops(device: jax.Device | None = None) -> float | None:
+  """Per-device dense peak FLOP/s from the table above; None (MFU n/a) for CPUs and unknown chips."""
+  device = device or jax.devices()[0]
+  if device.platform == "cpu":
+    return None
+  kind = device.device_kind.lower()
+  for name, flops in PEAK_FLOPS:
+    if name in kind:
+      return flops
+  return None
+
+
+def compiled_flops(compiled) -> float | None:
+  """FLOPs of one call of a compiled executable (XLA cost analysis of the per-device SPMD program)."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # noqa: BLE001 - some backends do not implement it
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  if not cost:
+    return None
+  flops = cost.get("flops")
+  return float(flops) if flops is not None and flops > 0 else None
+
+
+# ------------------------------------------------------------------ synthetic / in-memory data
+
+
+class SyntheticBatches:
+  """Deterministic random batches with the objective's batch format: an in-memory, checkpointable
+  iterator (grain's checkpoint handler API: get_state() -> bytes, set_state(bytes)).
+
+  Batch i of the global stream depends only on (seed, i); a process yields rows [start, stop) of it,
+  so any number of processes reproduce the same global batches.
+  """
+
+  def __init__(self, template: dict, global_batch: int, seed: int = 0, rows: tuple[int, int] | None = None):
+    self.template = {k: np.asarray(v) for k, v in template.items()}
+    self.global_batch = int(global_batch)
+    self.seed = int(seed)
+    self.rows = rows or (0, self.global_batch)
+    self.index = 0
+
+  def __iter__(self):
+    return self
+
+  def batch(self, i: int) -> dict:
+    rng = np.random.default_rng([self.seed, i])
+    out = {}
+    for k, v in sorted(self.template.items()):
+      shape = (self.global_batch,) + v.shape[1:]
+      if v.dtype == np.bool_:
+        out[k] = rng.random(shape) < 0.8
+      elif np.issubdtype(v.dtype, np.integer):
+        out[k] = rng.integers(0, 2, shape).astype(v.dtype)
+      else:
+        out[k] = np.clip(rng.normal(0.0, 0.5, shape), -1, 1).astype(v.dtype)
+    start, stop = self.rows
+    return {k: v[start:stop] for k, v in out.items()}
+
+  def __next__(self) -> dict:
+    b = self.batch(self.index)
+    self.index += 1
+    return b
+
+  def get_state(self) -> bytes:
+    return json.dumps({"index": self.index, "seed": self.seed}).encode()
+
+  def set_state(self, state: bytes) -> None:
+    self.index = int(json.loads(bytes(state).decode())["index"])
+
+  def start_prefetch(self) -> None:  # grain's checkpoint handler calls it after set_state
+    pass
+
+
+# ------------------------------------------------------------------ the trainer
+
+
+class Trainer:
+  """Shardings, optimiser and the jitted step for one (config, objective, mesh)."""
+
+  def __init__(self, cfg, objective: Objective, mesh):
+    self.cfg = cfg
+    self.objective = objective
+    self.mesh = mesh
+    parallel.check_batch(cfg, mesh)
+    t = cfg.train
+    self.global_batch = int(t.batch_size)
+    self.grad_accum = int(t.grad_accum)
+    self.rules = parallel.rules_from_config(cfg)
+    self.tx, self.schedule = state_lib.make_optimizer(t, objective.weight_decay_mask())
+    self.ema_decay = float(t.ema_decay)
+    self._rng0 = jax.random.key(int(cfg.seed))
+    with jax.set_mesh(mesh):
+      abstract_boxed = jax.eval_shape(self._init_boxed, self._rng0)
+    self.state_shardings: TrainState = parallel.tree_shardings(abstract_boxed, mesh, self.rules,
+                                                               int(cfg.mesh.min_shard_size))
+    self._abstract = nn.unbox(abstract_boxed)
+    self.batch_sharding = parallel.batch_sharding(mesh)
+    self.replicated = parallel.replicated(mesh)
+    self._step = jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
+                         out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,))
+    self._eval = jax.jit(self._eval_step, in_shardings=(self.state_shardings, self.batch_sharding, None),
+                         out_shardings=self.replicated)
+    self.batch_keys = tuple(sorted(parallel.device_batch(objective.dummy_batch(1))))
+    self._compiled = None
+    self.flops_per_step: float | None = None
+    self.compile_seconds: float | None = None
+
+  # ---------------------------------------------------------------- state
+  def _init_boxed(self, rng) -> TrainState:
+    r_params, r_state = jax.random.split(rng)
+    params = self.objective.init_params(r_params)
+    opt_state = self.tx.init(state_lib.trainable_params(params, self.objective.trainable_keys))
+    ema = jax.tree.map(lambda x: x, state_lib.ema_subset(params, self.objective.ema_keys))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, ema_params=ema,
+                      rng=r_state)
+
+  def init_state(self, rng: jax.Array | None = None) -> TrainState:
+    """Fresh state. On accelerators it is initialised directly into its shardings (nothing materialised
+    on one device). On CPU (tests, demo) the initialiser is compiled without shardings and the result
+    placed afterwards: XLA:CPU compiles the threefry-heavy initialiser slowly, and the unsharded program
+    is the same for every mesh, so the persistent compile cache serves every mesh of a config."""
+    rng = self._rng0 if rng is None else rng
+    init = lambda r: nn.unbox(self._init_boxed(r))  # noqa: E731
+    if self.mesh.devices.flat[0].platform == "cpu" and jax.process_count() == 1:
+      return jax.device_put(jax.jit(init)(rng), self.state_shardings)
+    with jax.set_mesh(self.mesh):
+      return jax.jit(init, out_shardings=self.state_shardings)(rng)
+
+  def abstract_state(self) -> TrainState:
+    """ShapeDtypeStructs of the state with this mesh's shardings (the restore target)."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        self._abstract, self.state_shardings)
+
+  def param_count(self, trainable_only: bool = False) -> int:
+    params = self._abstract.params
+    if trainable_only:
+      params = state_lib.trainable_params(params, self.objective.trainable_keys)
+    return int(sum(math.prod(x.shape) for x in jax.tree.leaves(params)))
+
+  # ---------------------------------------------------------------- step
+  def _grads(self, params, batch, rng):
+    keys = self.objective.trainable_keys
+    train_p = state_lib.trainable_params(params, keys)
+
+    def loss_fn(tp, mb, r):
+      loss, aux = self.objective.loss(state_lib.merge_params(params, tp), mb, r, train=True)
+      return loss, aux
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if self.grad_accum == 1:
+      (loss, aux), grads = grad_fn(train_p, batch, rng)
+      return loss, aux, grads
+    a = self.grad_accum
+    micro_spec = NamedSharding(self.mesh, P(None, parallel.BATCH_AXES))
+
+    def split(x):  # [B, ...] -> [A, B/A, ...]; row i goes to micro-batch i % A: no data movement
+      x = x.reshape((x.shape[0] // a, a) + x.shape[1:]).swapaxes(0, 1)
+      return jax.lax.with_sharding_constraint(x, micro_spec)
+
+    micro = jax.tree.map(split, batch)
+    (_, aux_shape), _ = jax.eval_shape(grad_fn, train_p, jax.tree.map(lambda x: x[0], micro), rng)
+    zeros_g = jax.tree.map(jnp.zeros_like, train_p)
+    zeros_aux = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape)
+
+    def body(carry, xs):
+      g_sum, l_sum, a_sum = carry
+      mb, i = xs
+      (loss, aux), g = grad_fn(train_p, mb, jax.random.fold_in(rng, i))
+      return (jax.tree.map(jnp.add, g_sum, g), l_sum + loss, jax.tree.map(jnp.add, a_sum, aux)), None
+
+    (g_sum, l_sum, a_sum), _ = jax.lax.scan(body, (zeros_g, jnp.zeros((), jnp.float32), zeros_aux),
+                                            (micro, jnp.arange(a)))
+    inv = 1.0 / a
+    return l_sum * inv, jax.tree.map(lambda x: x * inv, a_sum), jax.tree.map(lambda g: g * inv, g_sum)
+
+  def _train_step(self, state: TrainState, batch: dict):
+    rng = jax.random.fold_in(state.rng, state.step)
+    loss, aux, grads = self._grads(state.params, batch, rng)
+    train_p = state_lib.trainable_params(state.params, self.objective.trainable_keys)
+    updates, opt_state = self.tx.update(grads, state.opt_state, train_p)
+    new_train = optax.apply_updates(train_p, updates)
+    params = state_lib.merge_params(state.params, new_train)
+    step = state.step + 1
+    ema = state.ema_params
+    if self.objective.ema_keys:
+      decay = state_lib.ema_decay(self.ema_decay, step)
+      ema = state_lib.ema_update(ema, state_lib.ema_subset(params, self.objective.ema_keys), decay)
+    metrics = {"loss": loss, "grad_norm": _norm(grads), "lr": self.schedule(state.step), **aux}
+    return state.replace(step=step, params=params, opt_state=opt_state, ema_params=ema), metrics
+
+  def _eval_step(self, state: TrainState, batch: dict, rng):
+    return self.objective.eval_metrics(state.params, state.ema_params, batch, rng)
+
+  def batch_spec(self, batch_size: int | None = None) -> dict:
+    """ShapeDtypeStructs of a global batch (device entries only) for lowering."""
+    b = self.global_batch if batch_size is None else batch_size
+    template = parallel.device_batch(self.objective.dummy_batch(1))
+    return {k: jax.ShapeDtypeStruct((b,) + v.shape[1:], v.dtype, sharding=self.batch_sharding)
+            for k, v in template.items()}
+
+  def compile(self, batch_spec: dict | None = None):
+    """Lowers and compiles the step (once); records compile time and XLA's FLOPs per step."""
+    if self._compiled is None:
+      t0 = time.perf_counter()
+      with jax.set_mesh(self.mesh):
+        lowered = self._step.lower(self.abstract_state(), batch_spec or self.batch_spec())
+        self._compiled = lowered.compile()
+      self.compile_seconds = time.perf_counter() - t0
+      self.flops_per_step = compiled_flops(self._compiled)
+    return self._compiled
+
+  def train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    """One optimisation step on a global batch (dict of jax.Arrays sharded over the batch axes)."""
+    with jax.set_mesh(self.mesh):
+      return self.compile()(state, batch)
+
+  def eval_step(self, state: TrainState, batch: dict, rng: jax.Array) -> dict:
+    with jax.set_mesh(self.mesh):
+      return self._eval(state, batch, rng)
+
+  def put_batch(self, host_batch: dict) -> dict:
+    """This process's rows -> global arrays; only the entries the objective consumes travel."""
+    missing = [k for k in self.batch_keys if k not in host_batch]
+    if missing:
+      raise KeyError(f"the batch lacks {missing} that objective {self.objective.name!r} needs "
+                     f"(has {sorted(host_batch)})")
+    return parallel.to_global({k: host_batch[k] for k in self.batch_keys}, self.mesh, self.global_batch)
+
+  def mfu(self, steps_per_second: float) -> float | None:
+    peak = peak_flops(self.mesh.devices.flat[0])
+    if peak is None or not self.flops_per_step:
+      return None
+    return self.flops_per_step * steps_per_second / peak
+
+
+# ------------------------------------------------------------------ logging
+
+
+class MetricWriter:
+  """metrics.jsonl + TensorBoard scalars in the workdir, on process 0 only."""
+
+  def __init__(self, workdir: str | None):
+    self.enabled = workdir is not None and parallel.is_main_process()
+    self.path = None
+    self.tb = None
+    if self.enabled:
+      os.makedirs(workdir, exist_ok=True)
+      self.path = os.path.join(workdir, "metrics.jsonl")
+      try:
+        from tensorboardX import SummaryWriter
+        self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+      except Exception as e:  # noqa: BLE001 - TensorBoard is optional
+        log.warning("TensorBoard disabled: %s", e)
+
+  def write(self, step: int, scalars: dict, prefix: str = "train") -> None:
+    if not self.enabled:
+      return
+    record = {"step": int(step), "split": prefix, "time": time.time(),
+              **{k: (float(v) if v is not None else None) for k, v in scalars.items()}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    if self.tb is not None:
+      for k, v in scalars.items():
+        if v is not None and math.isfinite(float(v)):
+          self.tb.add_scalar(f"{prefix}/{k}", float(v), int(step))
+
+  def image(self, step: int, tag: str, image: np.ndarray) -> None:
+    if self.enabled and self.tb is not None:
+      self.tb.add_image(tag, image, int(step), dataformats="HWC")
+
+  def close(self) -> None:
+    if self.tb is not None:
+      self.tb.close()
+
+
+def _progress(total: int, initial: int, enabled: bool):
+  if not enabled:
+    return None
+  try:
+    from tqdm import tqdm
+  except ImportError:
+    return None
+  return tqdm(total=total, initial=initial, dynamic_ncols=True, desc="train", unit="step")
+
+
+# ------------------------------------------------------------------ validation
+
+
+def evaluate(trainer: Trainer, state: TrainState, batches: Iterator[dict], num_batches: int,
+             seed: int = 1234) -> dict:
+  """Mean of the objective's eval metrics over `num_batches` batches (fixed randomness per batch)."""
+  sums: dict[str, float] = {}
+  n = 0
+  base = jax.random.key(seed)
+  for i, host in enumerate(batches):
+    if i >= num_batches:
+      break
+    out = jax.device_get(trainer.eval_step(state, trainer.put_batch(host), jax.random.fold_in(base, i)))
+    for k, v in out.items():
+      sums[k] = sums.get(k, 0.0) + float(v)
+    n += 1
+  return {k: v / n for k, v in sums.items()} if n else {}
+
+
+# ------------------------------------------------------------------ the loop
+
+
+class _StopFlag:
+  """SIGTERM/SIGINT -> save and stop at the next step boundary (process-local; multi-host runs use
+  orbax's preemption sync point instead, see `fit`)."""
+
+  def __init__(self):
+    self.signum = None
+    self._old = {}
+
+  def install(self):
+    for sig in (signal.SIGTERM,):
+      try:
+        self._old[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signum = signum
+
+  def uninstall(self):
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+
+
+def fit(trainer: Trainer, state: TrainState, train_iter: Iterator[dict], *, num_steps: int | None = None,
+        workdir: str | None = None, checkpointer=None, eval_iter_fn: Callable[[], Iterator[dict]] | None = None,
+        meta: dict | None = None, progress: bool = True, hooks: tuple = ()) -> TrainState:
+  """Trains from `state.step` to `num_steps` (default `cfg.train.num_steps`).
+
+  `train_iter` yields this process's rows of each global batch; its state is saved with each checkpoint.
+  `eval_iter_fn()` returns a fresh iterator over the validation split. `hooks`: callables
+  `hook(step, state, writer)` run on every process after each step (e.g. sample grids; `writer` is the
+  MetricWriter, which writes on process 0 only). Raises NonFiniteLoss.
+  Returns the final state (after waiting for pending checkpoint writes).
+  """
+  cfg = trainer.cfg
+  t = cfg.train
+  num_steps = int(t.num_steps if num_steps is None else num_steps)
+  step = int(jax.device_get(state.step))
+  main = parallel.is_main_process()
+  writer = MetricWriter(workdir)
+  stop = _StopFlag().install() if jax.process_count() == 1 else None
+  log_every, eval_every, ckpt_every = int(t.log_every), int(t.eval_every), int(t.ckpt_every)
+  meta = dict(meta or {})
+
+  trainer.compile()
+  if main:
+    mfu_txt = "n/a" if peak_flops(trainer.mesh.devices.flat[0]) is None else "on"
+    log.info("compiled the train step in %.1fs; %s GFLOP/step per device (XLA); MFU %s; %s",
+             trainer.compile_seconds or 0.0,
+             "?" if trainer.flops_per_step is None else f"{trainer.flops_per_step / 1e9:.1f}", mfu_txt,
+             parallel.describe(trainer.mesh))
+
+  bar = _progress(num_steps, step, progress and main)
+  window: list[dict] = []
+  pending: tuple[int, dict] | None = None
+  t_window = time.perf_counter()
+  steps_in_window = 0
+
+  def check(item) -> dict:
+    s, m = item
+    m = {k: float(v) for k, v in jax.device_get(m).items()}
+    if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
+      raise NonFiniteLoss(s, m["loss"], m["grad_norm"])
+    return m
+
+  def flush():
+    nonlocal pending
+    if pending is not None:
+      window.append(check(pending))
+      pending = None
+
+  last_saved = [checkpointer.latest_step() if checkpointer is not None else None]
+
+  def save(s):
+    if checkpointer is not None and last_saved[0] != s:
+      flush()  # never checkpoint a state whose loss was not checked
+      checkpointer.save(s, state, train_iter, meta=dict(meta, step=s))
+      last_saved[0] = s
+
+  try:
+    while step < num_steps:
+      if stop is not None and stop.signum is not None:
+        log.warning("signal %d: saving a checkpoint at step %d and stopping", stop.signum, step)
+        save(step)
+        break
+      if jax.process_count() > 1 and checkpointer is not None and checkpointer.manager.reached_preemption(step):
+        log.warning("preemption: saving a checkpoint at step %d and stopping", step)
+        save(step)
+        break
+      host = next(train_iter)
+      batch = trainer.put_batch(host)
+      state, metrics = trainer.train_step(state, batch)
+      step += 1
+      steps_in_window += 1
+      if pending is not None:  # check the previous step while this one runs (one step of lag)
+        window.append(check(pending))
+      pending = (step, metrics)
+      if hooks:
+        t_hooks = time.perf_counter()
+        for hook in hooks:
+          hook(step, state, writer)
+        t_window += time.perf_counter() - t_hooks  # samples/s counts training only
+
+      if step % log_every == 0 or step == num_steps:
+        flush()
+        jax.block_until_ready(state.step)
+        elapsed = time.perf_counter() - t_window
+        sps = steps_in_window / elapsed if elapsed > 0 else float("nan")
+        scalars = {k: float(np.mean([w[k] for w in window])) for k in window[-1]}
+        scalars["samples_per_s"] = sps * trainer.global_batch
+        mfu = trainer.mfu(sps)
+        if mfu is not None:
+          scalars["mfu"] = mfu
+        writer.write(step, scalars)
+        if bar is not None:
+          bar.set_postfix(loss=f"{scalars['loss']:.4f}", samples_s=f"{scalars['samples_per_s']:.1f}",
+                          mfu="n/a" if mfu is None else f"{100 * mfu:.1f}%", refresh=False)
+        window.clear()
+        t_window, steps_in_window = time.perf_counter(), 0
+      if bar is not None:
+        bar.update(1)
+
+      if eval_iter_fn is not None and eval_every > 0 and (step % eval_every == 0 or step == num_steps):
+        flush()
+        scalars = evaluate(trainer, state, eval_iter_fn(), int(t.eval_batches))
+        writer.write(step, scalars, prefix="valid")
+        if main:
+          log.info("step %d: validation %s", step, " ".join(f"{k}={v:.4f}" for k, v in scalars.items()))
+        t_window, steps_in_window = time.perf_counter(), 0
+      if ckpt_every > 0 and (step % ckpt_every == 0 or step == num_steps):
+        save(step)
+    flush()
+  finally:
+    if stop is not None:
+      stop.uninstall()
+    if bar is not None:
+      bar.close()
+    writer.close()
+    if checkpointer is not None:
+      checkpointer.wait()
+  return state
