@@ -88,7 +88,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- training
   t = c.train = ml_collections.ConfigDict()
-  t.objective = "ldm"            # ldm | clip | vae | table_classifier
+  t.objective = "ldm"            # ldm | clip | vae | table_classifier | image_classifier
   t.batch_size = 128             # global batch per optimisation step
   t.grad_accum = 1               # micro-batches per step (micro batch = batch_size / grad_accum)
   t.num_steps = 100_000
@@ -108,7 +108,8 @@ def get_config() -> ml_collections.ConfigDict:
   t.sample_every = 0             # 0 = never during training
   t.ckpt_every = 2000
   t.keep_checkpoints = 3
-  t.init_from = ""               # optional checkpoint (e.g. CLIP) to initialise parts of the model
+  t.init_from = ""               # a run to initialise from: CLIP run (conditioner towers), VAE run, LDM run
+  t.vae_from = ""                # LDM: the frozen VAE from a VAE run or a Cheff / LDM autoencoder file
 
   # ---------------------------------------------------------------- sampling
   c.sample = ml_collections.ConfigDict(dict(

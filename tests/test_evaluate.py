@@ -1,8 +1,7 @@
 """`ehrxdiff evaluate` end to end on a tiny prepared synthetic dataset, and the image-classifier trainer.
 
 Set-up (module fixtures, shared): the synthetic database (6 patients) prepared at 64 px / event dim 64 /
-max events 32; an image_classifier run trained 2 steps through `ehrxdiff train` (the objective is
-registered here in train.OBJECTIVES if the registry does not list it yet); fake `ehrxdiff sample`
+max events 32; an image_classifier run trained 2 steps through `ehrxdiff train`; fake `ehrxdiff sample`
 outputs (two seeds of 128 px PNGs, resized by evaluate to the dataset's 64 px); a small torchxrayvision-
 named DenseNet state dict (safetensors) for the --densenet path.
 """
@@ -24,15 +23,8 @@ TINY = os.path.join(ROOT, "configs", "image_classifier.py") + ":tiny"
 SPLIT = "train"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def registered():
-  """The registry entry this trainer needs (the line belongs in ehrxdiff_jax/train/__init__.py)."""
-  added = "image_classifier" not in train_registry.OBJECTIVES
-  if added:
-    train_registry.OBJECTIVES["image_classifier"] = "ehrxdiff_jax.train.image_classifier"
-  yield
-  if added:
-    train_registry.OBJECTIVES.pop("image_classifier", None)
+def test_image_classifier_is_a_registered_trainer():
+  assert train_registry.OBJECTIVES["image_classifier"] == "ehrxdiff_jax.train.image_classifier"
 
 
 # ------------------------------------------------------------------------------ objective

@@ -22,8 +22,8 @@ CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.a
 # (workdir name, config, steps) of the training stages, in order. Step counts keep the whole demo within
 # minutes on 2 CPU cores while letting each loss fall visibly.
 TRAINING = (
-    ("clip", "clip.py:tiny", 60),
-    ("vae", "vae.py:tiny", 60),
+    ("clip", "clip.py:tiny", 150),
+    ("vae", "vae.py:tiny", 25),  # ~2 s per step on 2 cores (the discriminator doubles the work)
     ("ldm", "tiny.py", 300),
     ("image_classifier", "image_classifier.py:tiny", 80),
 )

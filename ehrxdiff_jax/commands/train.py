@@ -1,4 +1,5 @@
-"""`ehrxdiff train`: train the objective named by `c.train.objective` (ldm | clip | vae | table_classifier).
+"""`ehrxdiff train`: train the objective named by `c.train.objective` (ldm | clip | vae | table_classifier |
+image_classifier).
 
     ehrxdiff train --config configs/tiny.py --data DIR --workdir DIR [--force] [--config.x=y ...]
     # multi-host without SLURM / TPU: add --coordinator HOST:PORT --num-processes N --process-id I
@@ -101,8 +102,13 @@ def make_data(cfg, objective, mesh, data_dir: str):
   eval_fn = None
   valid = cfg.data.valid_split
   if valid and valid in manifest.get("splits", {valid: None}) and int(cfg.train.eval_every) > 0:
+    # Validation measures the model on the real pairs: no w_null samples, no target augmentation.
+    valid_data = cfg.data.copy_and_resolve_references()
+    valid_data.w_null = False
+    valid_data.augment_target = False
+
     def eval_fn():
-      return iter(pipeline.make_loader(data_dir, valid, global_batch_size=b, config_data=cfg.data, seed=0,
+      return iter(pipeline.make_loader(data_dir, valid, global_batch_size=b, config_data=valid_data, seed=0,
                                        shuffle=False, num_epochs=1, max_events=max_events))
   return train, eval_fn
 
@@ -150,6 +156,9 @@ def run(args) -> int:
     state = trainer.init_state()
     if cfg.train.init_from:
       state = initialise_from(state, cfg.train.init_from, trainer)
+    if cfg.train.get("vae_from"):
+      from ehrxdiff_jax.train.vae import vae_init_state
+      state = vae_init_state(state, cfg.train.vae_from)
   meta = {"config_name": cfg.name, "objective": cfg.train.objective}
   hooks = []
   if int(cfg.train.sample_every) > 0 and hasattr(objective, "sample_hook"):

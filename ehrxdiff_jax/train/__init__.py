@@ -10,6 +10,7 @@ OBJECTIVES = {
     "clip": "ehrxdiff_jax.train.clip",
     "vae": "ehrxdiff_jax.train.vae",
     "table_classifier": "ehrxdiff_jax.train.classifier",
+    "image_classifier": "ehrxdiff_jax.train.image_classifier",
     "toy": "ehrxdiff_jax.train.toy",  # a seconds-fast stand-in for machinery tests and cluster smoke tests
 }
 

@@ -164,9 +164,9 @@ class TableClassifierObjective(Objective):
     correct = jnp.where(valid, (logits > 0) == (labels > 0.5), False)
     return loss, {"accuracy": jnp.sum(correct) / jnp.maximum(n, 1.0)}
 
-  def split_metrics(self, trainer, state, batches: Iterable[dict]) -> dict:
-    """Whole-split validation numbers (grouped AUROC) for a loop that calls it at eval time."""
-    return split_metrics(trainer, state, batches)
+  def validation_report(self, trainer, state, batches: Iterable[dict]):
+    """Whole-split grouped AUROC (All / Same / Diff) at each validation."""
+    return split_metrics(trainer, state, batches), {}
 
   def dummy_batch(self, batch_size):
     cfg = self.cfg

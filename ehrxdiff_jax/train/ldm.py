@@ -130,6 +130,27 @@ class LDMObjective(Objective):
     return hook
 
 
+  def init_from(self, state, path: str, trainer=None):
+    """`train.init_from` for the LDM: a CLIP run (its towers -> the conditioner), a VAE run (-> the frozen
+    VAE), or a whole EHRXDiff checkpoint (an LDM run or `ehrxdiff convert` output: every part, and the
+    EMA UNet where it has one)."""
+    from ehrxdiff_jax.train.clip import _replace_part, _resolve_step_dir, _restore_params, clip_init_state
+    saved = _restore_params(_resolve_step_dir(path))
+    if {"image_tower", "table_tower"} & set(saved):
+      return clip_init_state(state, path, part="conditioner")
+    if set(saved) == {"vae"}:
+      from ehrxdiff_jax.train.vae import vae_init_state
+      return vae_init_state(state, path)
+    missing = {"unet", "conditioner", "vae"} - set(saved)
+    if missing:
+      raise ValueError(f"{path}: not a CLIP, VAE or EHRXDiff checkpoint (parts {sorted(saved)}; "
+                       f"missing {sorted(missing)})")
+    from ehrxdiff_jax.train.clip import put_params
+    for part in ("unet", "conditioner", "vae"):
+      state = _replace_part(state, part, lambda tree, p=part: put_params(tree, saved[p], p))
+    return state
+
+
 def make_objective(cfg) -> LDMObjective:
   return LDMObjective(cfg)
 

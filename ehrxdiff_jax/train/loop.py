@@ -205,12 +205,13 @@ class Trainer:
     return int(sum(math.prod(x.shape) for x in jax.tree.leaves(params)))
 
   # ---------------------------------------------------------------- step
-  def _grads(self, params, batch, rng):
+  def _grads(self, params, batch, rng, step):
     keys = self.objective.trainable_keys
     train_p = state_lib.trainable_params(params, keys)
+    extra = {"step": step} if self.objective.uses_step else {}
 
     def loss_fn(tp, mb, r):
-      loss, aux = self.objective.loss(state_lib.merge_params(params, tp), mb, r, train=True)
+      loss, aux = self.objective.loss(state_lib.merge_params(params, tp), mb, r, train=True, **extra)
       return loss, aux
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -242,11 +243,11 @@ class Trainer:
 
   def _train_step(self, state: TrainState, batch: dict):
     rng = jax.random.fold_in(state.rng, state.step)
-    loss, aux, grads = self._grads(state.params, batch, rng)
+    loss, aux, grads = self._grads(state.params, batch, rng, state.step)
     train_p = state_lib.trainable_params(state.params, self.objective.trainable_keys)
     updates, opt_state = self.tx.update(grads, state.opt_state, train_p)
     new_train = optax.apply_updates(train_p, updates)
-    params = state_lib.merge_params(state.params, new_train)
+    params = self.objective.post_update(state_lib.merge_params(state.params, new_train))
     step = state.step + 1
     ema = state.ema_params
     if self.objective.ema_keys:
@@ -332,8 +333,16 @@ class MetricWriter:
           self.tb.add_scalar(f"{prefix}/{k}", float(v), int(step))
 
   def image(self, step: int, tag: str, image: np.ndarray) -> None:
-    if self.enabled and self.tb is not None:
+    """An HWC image in [0, 1]: TensorBoard, and a PNG in WORKDIR/images/ for a quick look."""
+    if not self.enabled:
+      return
+    if self.tb is not None:
       self.tb.add_image(tag, image, int(step), dataformats="HWC")
+    from PIL import Image
+    folder = os.path.join(os.path.dirname(self.path), "images")
+    os.makedirs(folder, exist_ok=True)
+    pixels = (np.clip(np.asarray(image, np.float32), 0, 1) * 255).round().astype(np.uint8)
+    Image.fromarray(pixels).save(os.path.join(folder, f"{tag.replace('/', '_')}_{int(step):07d}.png"))
 
   def close(self) -> None:
     if self.tb is not None:
@@ -499,7 +508,11 @@ def fit(trainer: Trainer, state: TrainState, train_iter: Iterator[dict], *, num_
       if eval_iter_fn is not None and eval_every > 0 and (step % eval_every == 0 or step == num_steps):
         flush()
         scalars = evaluate(trainer, state, eval_iter_fn(), int(t.eval_batches))
+        extra_scalars, images = trainer.objective.validation_report(trainer, state, eval_iter_fn())
+        scalars.update(extra_scalars)
         writer.write(step, scalars, prefix="valid")
+        for tag, image in images.items():
+          writer.image(step, f"valid/{tag}", image)
         if main:
           log.info("step %d: validation %s", step, " ".join(f"{k}={v:.4f}" for k, v in scalars.items()))
         t_window, steps_in_window = time.perf_counter(), 0

