@@ -1,4 +1,5 @@
 """CLIP image tower, CLIP table tower, conditioner and their weight converters (CPU, tiny shapes)."""
+import functools
 import itertools
 
 import flax.linen as nn
@@ -9,6 +10,7 @@ import pytest
 
 from ehrxdiff_jax.interop import clip as clip_interop
 from ehrxdiff_jax.interop.common import ConversionError
+from ehrxdiff_jax.nn.attention import dot_product_attention
 from ehrxdiff_jax.nn.conditioner import STREAMS, Conditioner
 from ehrxdiff_jax.nn.table import TableTower, pool_tokens
 from ehrxdiff_jax.nn.vit import VisionTransformer
@@ -272,6 +274,62 @@ def test_pool_tokens():
     pool_tokens(tokens, mask, "max")
 
 
+def test_attention_dropout_masks_probabilities():
+  # v[b, j, h] = one-hot(j): the attention output is the probability matrix itself, so each entry shows
+  # what dropout did to one probability.
+  b, lq, lk, h = 2, 3, 4, 2
+  rng = np.random.default_rng(0)
+  q = jnp.asarray(rng.normal(size=(b, lq, h, lk)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(b, lk, h, lk)), jnp.float32)
+  v = jnp.broadcast_to(jnp.eye(lk)[None, :, None, :], (b, lk, h, lk))
+  mask = jnp.asarray([[True] * lk, [True, True, True, False]])
+  rate, n = 0.5, 2000
+
+  @jax.jit
+  def run(keys):
+    attend = functools.partial(dot_product_attention, q, k, v, key_mask=mask)
+    return attend(implementation="xla"), jax.vmap(lambda key: attend(dropout_rate=rate, dropout_rng=key))(keys)
+
+  probs, outs = map(np.asarray, run(jax.random.split(jax.random.key(0), n)))
+  np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-6)
+  # Every probability is either dropped or kept and scaled by 1 / (1 - rate); padding stays at zero.
+  kept = np.isclose(outs, probs / (1 - rate), rtol=1e-5, atol=1e-7)
+  assert np.all(kept | (outs == 0.0))
+  assert np.all(outs[:, 1, :, :, -1] == 0.0)
+  assert 0.47 < 1.0 - kept[:, 0].mean() < 0.53   # batch row 0 has no padding: about `rate` dropped
+  # Inverted dropout is unbiased: the mean over keys is the undropped attention (5 standard errors).
+  assert np.all(np.abs(outs.mean(0) - probs) <= 5 * probs * np.sqrt(rate / (1 - rate) / n) + 1e-6)
+  with pytest.raises(ValueError, match="dropout_rng"):
+    dot_product_attention(q, k, v, dropout_rate=rate)
+
+
+def test_table_tower_attention_dropout():
+  rng = np.random.default_rng(3)
+  valid = np.arange(6)[None, :] < np.array([6, 2])[:, None]
+  events = jnp.asarray(rng.normal(size=(2, 6, TAB["event_dim"])) * valid[..., None], jnp.float32)
+  mask = jnp.asarray(valid)
+  tab = {**TAB, "layers": 1}
+
+  def apply(params, rate, train):
+    # capture_intermediates: layer_0's attention sees the same input in train and eval, so its output
+    # differs exactly when attention probabilities are dropped.
+    out, inter = TableTower(**tab, dropout=rate).apply(
+        {"params": params}, events, mask, not train, rngs={"dropout": jax.random.key(1)} if train else {},
+        capture_intermediates=True, mutable=["intermediates"])
+    return out, inter["intermediates"]["layer_0"]["self_attn"]["__call__"][0]
+
+  @jax.jit
+  def run():
+    params = TableTower(**tab).init(jax.random.key(0), events, mask)["params"]
+    return [apply(params, rate, train) for rate, train in ((0.1, False), (0.1, True), (0.0, True))]
+
+  (out_eval, attn_eval), (out_train, attn_train), (out_zero, attn_zero) = jax.tree.map(np.asarray, run())
+  np.testing.assert_array_equal(out_zero, out_eval)
+  np.testing.assert_array_equal(attn_zero, attn_eval)
+  assert not np.allclose(attn_train, attn_eval, atol=1e-3)
+  assert not np.allclose(out_train, out_eval, atol=1e-3)
+
+
 def test_remat_block_same_shapes(tiny_config):
   m = tiny_config.model
   args = _inputs(tiny_config, abstract=True)
@@ -377,6 +435,9 @@ def test_conversion_errors_name_the_key(hf_vision):
   extra = dict(sd, **{"encoder.layers.0.self_attn.rotary.weight": np.zeros(3, np.float32)})
   with pytest.raises(ConversionError, match=r"encoder\.layers\.0\.self_attn\.rotary\.weight"):
     clip_interop.convert_hf_clip_vision(extra)
+  gap = {k.replace("encoder.layers.1.", "encoder.layers.2."): v for k, v in sd.items()}
+  with pytest.raises(ConversionError, match=r"encoder\.layers are not contiguous from 0: \[0, 2\]"):
+    clip_interop.convert_hf_clip_vision(gap)
   expected = jax.eval_shape(VisionTransformer(**{**VIT, "mlp_dim": 128}).init, jax.random.key(0),
                             jax.ShapeDtypeStruct((1, 128, 128, 3), jnp.float32))["params"]
   with pytest.raises(ConversionError, match=r"encoder\.layers\.0\.mlp\.fc1\.weight"):

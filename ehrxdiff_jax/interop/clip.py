@@ -20,8 +20,8 @@ Our names (see nn/vit.py, nn/table.py, nn/conditioner.py):
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
-import re
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -38,17 +38,6 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def _count_layers(sd: StateDict, pattern: str) -> int:
-  """Number of distinct N in keys matching prefix + pattern (pattern has one (\\d+) group)."""
-  rx = re.compile(re.escape(sd.prefix) + pattern)
-  found = {int(m.group(1)) for k in sd._sd if (m := rx.match(k))}
-  if not found:
-    return 0
-  if found != set(range(len(found))):
-    raise ConversionError(f"layer indices under {sd.prefix!r} are not contiguous from 0: {sorted(found)}")
-  return len(found)
-
 
 def _split_in_proj(sd: StateDict, key: str) -> dict:
   """torch MultiheadAttention in_proj_weight [3W, W] / in_proj_bias [3W] -> our q, k, v Dense params."""
@@ -68,6 +57,50 @@ def _split_in_proj(sd: StateDict, key: str) -> dict:
   out["out"] = sd.linear(f"{key}.out_proj")
   return out
 
+
+# Name tables (StateDict.block) of one block: a pre-LN ViT block from transformers' CLIPEncoderLayer and
+# OpenAI's ResidualAttentionBlock; a torch.nn.TransformerEncoderLayer of the table tower.
+_HF_BLOCK = {
+    "ln_1": (StateDict.norm, "layer_norm1"),
+    "attn": {n: (StateDict.linear, f"self_attn.{n}_proj") for n in ("q", "k", "v", "out")},
+    "ln_2": (StateDict.norm, "layer_norm2"),
+    "fc1": (StateDict.linear, "mlp.fc1"),
+    "fc2": (StateDict.linear, "mlp.fc2"),
+}
+_OPENAI_BLOCK = {
+    "ln_1": (StateDict.norm, "ln_1"),
+    "attn": (_split_in_proj, "attn"),
+    "ln_2": (StateDict.norm, "ln_2"),
+    "fc1": (StateDict.linear, "mlp.c_fc"),
+    "fc2": (StateDict.linear, "mlp.c_proj"),
+}
+_TABLE_LAYER = {
+    "self_attn": (_split_in_proj, "self_attn"),
+    "linear1": (StateDict.linear, "linear1"),
+    "linear2": (StateDict.linear, "linear2"),
+    "norm1": (StateDict.norm, "norm1"),
+    "norm2": (StateDict.norm, "norm2"),
+}
+
+
+
+@dataclasses.dataclass(frozen=True)
+class _ViTNaming:
+  """Where a checkpoint keeps each part of our VisionTransformer (keys relative to the prefix)."""
+  patch_embed: str
+  class_embedding: str
+  positional_embedding: str
+  ln_pre: str
+  blocks: str                  # the ModuleList of blocks
+  block: Mapping[str, Any]     # name table of one block (StateDict.block)
+  ln_post: str
+
+
+_HF_VIT = _ViTNaming("embeddings.patch_embedding", "embeddings.class_embedding",
+                     "embeddings.position_embedding.weight", "pre_layrnorm", "encoder.layers", _HF_BLOCK,
+                     "post_layernorm")
+_OPENAI_VIT = _ViTNaming("conv1", "class_embedding", "positional_embedding", "ln_pre", "transformer.resblocks",
+                         _OPENAI_BLOCK, "ln_post")
 
 def _vit_expected(width: int, patch: int, layers: int, mlp_dim: int, num_tokens: int, include_ln_post: bool):
   from ehrxdiff_jax.nn.vit import VisionTransformer
@@ -127,6 +160,23 @@ def _maybe_adapt(pos: np.ndarray, grid: int | None, sd: StateDict, key: str) -> 
 
 # ----------------------------------------------------------------------------- image tower
 
+def _vit(sd: StateDict, names: _ViTNaming, include_ln_post: bool, grid: int | None) -> dict:
+  """Consumes the ViT keys of one naming scheme (relative to sd.prefix) and returns our params."""
+  pos = _maybe_adapt(sd.take(names.positional_embedding), grid, sd, names.positional_embedding)
+  params = {
+      "patch_embed": sd.conv(names.patch_embed, bias=False),
+      "class_embedding": sd.take(names.class_embedding),
+      "positional_embedding": pos,
+      "ln_pre": sd.norm(names.ln_pre),
+  }
+  params.update(sd.blocks(names.blocks, "blocks_{}", names.block))
+  if include_ln_post:
+    params["ln_post"] = sd.norm(names.ln_post)
+  else:
+    sd.skip_under(names.ln_post)
+  return params
+
+
 def convert_hf_clip_vision(state_dict: Mapping[str, Any], prefix: str | None = None, *,
                            include_ln_post: bool = True, grid: int | None = None, expected=None) -> dict:
   """transformers CLIPVisionModel (or CLIPModel) weights -> VisionTransformer params.
@@ -143,29 +193,7 @@ def convert_hf_clip_vision(state_dict: Mapping[str, Any], prefix: str | None = N
     prefix = "vision_model." if any(k.startswith("vision_model.") for k in state_dict) else ""
   sd = StateDict(state_dict, prefix)
   sd.skip("embeddings.position_ids")
-  pos = _maybe_adapt(sd.take("embeddings.position_embedding.weight"), grid, sd, "embeddings.position_embedding.weight")
-  params = {
-      "patch_embed": sd.conv("embeddings.patch_embedding", bias=False),
-      "class_embedding": sd.take("embeddings.class_embedding"),
-      "positional_embedding": pos,
-      "ln_pre": sd.norm("pre_layrnorm"),
-  }
-  layers = _count_layers(sd, r"encoder\.layers\.(\d+)\.")
-  for i in range(layers):
-    p = f"encoder.layers.{i}."
-    params[f"blocks_{i}"] = {
-        "ln_1": sd.norm(p + "layer_norm1"),
-        "attn": {n: sd.linear(f"{p}self_attn.{n}_proj") for n in ("q", "k", "v")}
-                | {"out": sd.linear(p + "self_attn.out_proj")},
-        "ln_2": sd.norm(p + "layer_norm2"),
-        "fc1": sd.linear(p + "mlp.fc1"),
-        "fc2": sd.linear(p + "mlp.fc2"),
-    }
-  if include_ln_post:
-    params["ln_post"] = sd.norm("post_layernorm")
-  else:
-    sd.skip("post_layernorm.weight")
-    sd.skip("post_layernorm.bias")
+  params = _vit(sd, _HF_VIT, include_ln_post, grid)
   sd.finish()
   if expected is None:
     expected = _vit_expected_from(params, include_ln_post)
@@ -174,28 +202,7 @@ def convert_hf_clip_vision(state_dict: Mapping[str, Any], prefix: str | None = N
 
 def _openai_visual(sd: StateDict, include_ln_post: bool, grid: int | None) -> dict:
   """Consumes OpenAI-CLIP VisualTransformer keys (relative to sd.prefix) and returns our params."""
-  pos = _maybe_adapt(sd.take("positional_embedding"), grid, sd, "positional_embedding")
-  params = {
-      "patch_embed": sd.conv("conv1", bias=False),
-      "class_embedding": sd.take("class_embedding"),
-      "positional_embedding": pos,
-      "ln_pre": sd.norm("ln_pre"),
-  }
-  layers = _count_layers(sd, r"transformer\.resblocks\.(\d+)\.")
-  for i in range(layers):
-    p = f"transformer.resblocks.{i}."
-    params[f"blocks_{i}"] = {
-        "ln_1": sd.norm(p + "ln_1"),
-        "attn": _split_in_proj(sd, p + "attn"),
-        "ln_2": sd.norm(p + "ln_2"),
-        "fc1": sd.linear(p + "mlp.c_fc"),
-        "fc2": sd.linear(p + "mlp.c_proj"),
-    }
-  if include_ln_post:
-    params["ln_post"] = sd.norm("ln_post")
-  else:
-    sd.skip("ln_post.weight")
-    sd.skip("ln_post.bias")
+  params = _vit(sd, _OPENAI_VIT, include_ln_post, grid)
   sd.skip("proj")  # the CLIP projection: not used (the reference sets it to None)
   return params
 
@@ -228,19 +235,9 @@ def convert_openai_clip_visual(state_dict: Mapping[str, Any], prefix: str = "vis
 # ----------------------------------------------------------------------------- table tower
 
 def _table(sd: StateDict, encoder: str, fc: str) -> dict:
-  layers = _count_layers(sd, re.escape(encoder) + r"layers\.(\d+)\.")
-  if not layers:
+  params = sd.blocks(f"{encoder}layers", "layer_{}", _TABLE_LAYER)
+  if not params:
     raise ConversionError(f"no key {sd.prefix}{encoder}layers.N.* in the state dict")
-  params = {}
-  for i in range(layers):
-    p = f"{encoder}layers.{i}."
-    params[f"layer_{i}"] = {
-        "self_attn": _split_in_proj(sd, p + "self_attn"),
-        "linear1": sd.linear(p + "linear1"),
-        "linear2": sd.linear(p + "linear2"),
-        "norm1": sd.norm(p + "norm1"),
-        "norm2": sd.norm(p + "norm2"),
-    }
   params["fc"] = sd.linear(fc)
   return params
 
@@ -285,14 +282,12 @@ def convert_reference_conditioner(state_dict: Mapping[str, Any], prefix: str = "
   `cond_stage_model` (Lightning `state_dict`); for a bare adaptor state dict pass prefix=''.
   """
   sd = StateDict(state_dict, prefix)
-  for key in list(sd._sd):
-    if key.startswith(prefix + "autoencoder."):
-      sd.skip(key[len(prefix):])
+  sd.skip_under("autoencoder")
   params: dict = {}
-  if any(k.startswith(prefix + "clip_tab_encoder.") for k in sd._sd):
+  if sd.keys_under("clip_tab_encoder"):
     sub = _SubDict(sd, "clip_tab_encoder.")
     params["table_tower"] = _table(sub, "transformer.", "fc")
-  if any(k.startswith(prefix + "clip_img_encoder.") for k in sd._sd):
+  if sd.keys_under("clip_img_encoder"):
     sub = _SubDict(sd, "clip_img_encoder.")
     params["image_tower"] = _openai_visual(sub, include_ln_post=False, grid=None)
   if sd.has("vae_projector.weight"):

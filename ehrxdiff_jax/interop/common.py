@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+import re
+from typing import Any, Callable, Mapping, Union
 
 import jax
 import numpy as np
@@ -21,6 +22,15 @@ def to_numpy(value) -> np.ndarray:
       value = value.float()
     return value.numpy()
   return np.asarray(value)
+
+
+def _join(key: str, name: str) -> str:
+  """'a.b' + 'c' -> 'a.b.c'; '' + 'c' -> 'c' (a key relative to the state dict's prefix)."""
+  return f"{key}.{name}" if key else name
+
+
+# A name table for StateDict.block, or a function (sd, key) -> parameters of the block at key.
+BlockConverter = Union[Mapping[str, Any], Callable[["StateDict", str], Any]]
 
 
 class StateDict:
@@ -83,6 +93,54 @@ class StateDict:
   def norm(self, key: str) -> dict:
     """GroupNorm / LayerNorm weight, bias -> scale, bias."""
     return {"scale": self.take(f"{key}.weight"), "bias": self.take(f"{key}.bias")}
+
+  def keys_under(self, key: str) -> list[str]:
+    """The keys (without the prefix) under the module `key`, i.e. `{prefix}{key}.*` (all of them for '')."""
+    start = self.prefix + _join(key, "")
+    return [k[len(self.prefix):] for k in self._sd if k.startswith(start)]
+
+  def skip_under(self, key: str) -> None:
+    """Marks every key under the module `key` as deliberately unused (e.g. a VAE's training loss)."""
+    for k in self.keys_under(key):
+      self.skip(k)
+
+  def indices(self, key: str) -> list[int]:
+    """[0, ..., n-1]: the distinct N of the keys `{prefix}{key}.N.*` (a torch ModuleList / Sequential);
+    [] when there is none. A gap is an error: a block would silently be missing."""
+    rx = re.compile(re.escape(self.prefix + _join(key, "")) + r"(\d+)\.")
+    found = sorted({int(m.group(1)) for k in self._sd if (m := rx.match(k))})
+    if found != list(range(len(found))):
+      raise ConversionError(f"indices under {self.prefix}{key} are not contiguous from 0: {found}")
+    return found
+
+  def block(self, key: str, table: Mapping[str, Any]) -> dict:
+    """One block's parameters by a name table {our name: (convert, their name) | nested table}.
+
+    `convert(sd, key)` is e.g. `StateDict.norm`, `StateDict.linear`, `StateDict.conv` or a converter
+    function of the same form, called with `{key}.{their name}`. Their name may be a tuple of
+    alternatives (old and new names of one library): the first present one is taken.
+    """
+    out = {}
+    for ours, entry in table.items():
+      if isinstance(entry, Mapping):
+        out[ours] = self.block(key, entry)
+        continue
+      convert, theirs = entry
+      if not isinstance(theirs, str):
+        present = [t for t in theirs if self.keys_under(_join(key, t))]
+        if not present:
+          raise ConversionError(f"missing {self.prefix}{_join(key, theirs[0])}.* (or the alternative names "
+                                f"{', '.join(theirs[1:])}) in the PyTorch state dict")
+        theirs = present[0]
+      out[ours] = convert(self, _join(key, theirs))
+    return out
+
+  def blocks(self, key: str, name: str, convert: BlockConverter) -> dict:
+    """Every block of the list `key`: {name.format(i): its parameters} for i in `indices(key)`.
+    `convert` is a name table for `block` or a function (sd, '{key}.{i}') -> parameters."""
+    if isinstance(convert, Mapping):
+      return {name.format(i): self.block(_join(key, str(i)), convert) for i in self.indices(key)}
+    return {name.format(i): convert(self, _join(key, str(i))) for i in self.indices(key)}
 
   def leftover(self) -> list[str]:
     return sorted(set(self._sd) - self._used)

@@ -12,6 +12,8 @@ and check every shape against the network (`expected`, or the network the conver
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import re
 from typing import Any, Mapping
 
@@ -61,39 +63,81 @@ def infer_vae_fields(params: Mapping[str, Any]) -> dict:
   )
 
 
-def _indices(sd: StateDict, pattern: str) -> list[int]:
-  """Sorted distinct integers captured by `pattern` (a regex with one group) at the start of keys."""
-  rx = re.compile(re.escape(sd.prefix) + pattern)
-  return sorted({int(m.group(1)) for k in sd._sd if (m := rx.match(k))})
+_RESNET = {"norm1": (StateDict.norm, "norm1"), "conv1": (StateDict.conv, "conv1"),
+           "norm2": (StateDict.norm, "norm2"), "conv2": (StateDict.conv, "conv2")}
+_PROJ = StateDict.conv1x1_as_linear  # attention projections: 1x1 convs (LDM) or Linear (diffusers)
 
 
 def _resnet(sd: StateDict, key: str, shortcut: str) -> dict:
-  out = {n: sd.norm(f"{key}.{n}") for n in ("norm1", "norm2")}
-  out.update(conv1=sd.conv(f"{key}.conv1"), conv2=sd.conv(f"{key}.conv2"))
-  if sd.has(f"{key}.{shortcut}.weight"):
+  out = sd.block(key, _RESNET)
+  if sd.has(f"{key}.{shortcut}.weight"):  # only where the block changes the width
     out["nin_shortcut"] = sd.conv(f"{key}.{shortcut}")
   return out
 
 
-def _attention(sd: StateDict, key: str, names: Mapping[str, tuple[str, ...]]) -> dict:
-  out = {}
-  for ours, candidates in names.items():
-    found = [c for c in candidates if sd.has(f"{key}.{c}.weight")]
-    if not found:
-      raise ConversionError(f"missing key {sd.prefix}{key}.{candidates[0]}.weight in the PyTorch state dict")
-    out[ours] = sd.norm(f"{key}.{found[0]}") if ours == "norm" else sd.conv1x1_as_linear(f"{key}.{found[0]}")
-  return out
+@dataclasses.dataclass(frozen=True)
+class _Naming:
+  """Where a naming scheme keeps each part of the encoder / decoder (keys relative to `encoder.` or
+  `decoder.`); our names are those of nn/vae.py."""
+  mid_block_1: str
+  mid_attn_1: str
+  mid_block_2: str
+  norm_out: str
+  levels: Mapping[str, str]     # part -> the ModuleList of resolution levels
+  blocks: str                   # the res blocks inside a level
+  resample: Mapping[str, str]   # part -> the down/upsampling conv inside a level
+  shortcut: str                 # the 1x1 conv of a res block that changes the width
+  attention: Mapping[str, Any]  # name table of the mid attention block (StateDict.block)
+  decoder_coarsest_first: bool  # the decoder's level list starts at the lowest resolution
 
 
-_LDM_ATTN = {"norm": ("norm",), "q": ("q",), "k": ("k",), "v": ("v",), "proj_out": ("proj_out",)}
-_DIFFUSERS_ATTN = {"norm": ("group_norm",), "q": ("to_q", "query"), "k": ("to_k", "key"),
-                   "v": ("to_v", "value"), "proj_out": ("to_out.0", "proj_attn")}
+_LDM = _Naming(
+    mid_block_1="mid.block_1", mid_attn_1="mid.attn_1", mid_block_2="mid.block_2", norm_out="norm_out",
+    levels={"encoder": "down", "decoder": "up"}, blocks="block",
+    resample={"encoder": "downsample.conv", "decoder": "upsample.conv"}, shortcut="nin_shortcut",
+    attention={"norm": (StateDict.norm, "norm"), "q": (_PROJ, "q"), "k": (_PROJ, "k"), "v": (_PROJ, "v"),
+               "proj_out": (_PROJ, "proj_out")},
+    decoder_coarsest_first=False)
+# diffusers: Linear attention projections (legacy names query/key/value/proj_attn), decoder coarsest first.
+_DIFFUSERS = _Naming(
+    mid_block_1="mid_block.resnets.0", mid_attn_1="mid_block.attentions.0", mid_block_2="mid_block.resnets.1",
+    norm_out="conv_norm_out", levels={"encoder": "down_blocks", "decoder": "up_blocks"}, blocks="resnets",
+    resample={"encoder": "downsamplers.0.conv", "decoder": "upsamplers.0.conv"}, shortcut="conv_shortcut",
+    attention={"norm": (StateDict.norm, "group_norm"), "q": (_PROJ, ("to_q", "query")),
+               "k": (_PROJ, ("to_k", "key")), "v": (_PROJ, ("to_v", "value")),
+               "proj_out": (_PROJ, ("to_out.0", "proj_attn"))},
+    decoder_coarsest_first=True)
+
+
+def _convert(state_dict: Mapping[str, Any], prefix: str, expected, names: _Naming) -> dict:
+  """The one conversion loop of both naming schemes."""
+  sd = StateDict(state_dict, prefix)
+  resnet = functools.partial(_resnet, shortcut=names.shortcut)
+  p: dict = {}
+  for part, ours in (("encoder", "down"), ("decoder", "up")):
+    tree = p[part] = {
+        "conv_in": sd.conv(f"{part}.conv_in"),
+        "mid_block_1": resnet(sd, f"{part}.{names.mid_block_1}"),
+        "mid_attn_1": sd.block(f"{part}.{names.mid_attn_1}", names.attention),
+        "mid_block_2": resnet(sd, f"{part}.{names.mid_block_2}"),
+        "norm_out": sd.norm(f"{part}.{names.norm_out}"),
+        "conv_out": sd.conv(f"{part}.conv_out"),
+    }
+    levels = f"{part}.{names.levels[part]}"
+    found = sd.indices(levels)
+    for k in found:
+      i = len(found) - 1 - k if part == "decoder" and names.decoder_coarsest_first else k
+      tree.update(sd.blocks(f"{levels}.{k}.{names.blocks}", f"{ours}_{i}_block_{{}}", resnet))
+      resample = f"{levels}.{k}.{names.resample[part]}"
+      if sd.has(f"{resample}.weight"):
+        tree[f"{ours}_{i}_{ours}sample"] = sd.conv(resample)
+  p["quant_conv"] = sd.conv("quant_conv")
+  p["post_quant_conv"] = sd.conv("post_quant_conv")
+  return _finish(sd, p, expected)
 
 
 def _finish(sd: StateDict, params: dict, expected) -> dict:
-  for k in list(sd._sd):
-    if k.startswith(sd.prefix + "loss."):  # the VAE training loss (LPIPS, discriminator): not the model
-      sd.skip(k[len(sd.prefix):])
+  sd.skip_under("loss")  # the VAE training loss (LPIPS, discriminator): not the model
   sd.finish()
   if expected is None:
     try:
@@ -112,24 +156,7 @@ def convert_ldm_vae(state_dict: Mapping[str, Any], prefix: str = "", *, expected
     prefix: e.g. 'first_stage_model.' for an EHRXDiff / LDM Lightning checkpoint.
     expected: optional parameter shapes to check against (e.g. `expected_vae_params(model)`).
   """
-  sd = StateDict(state_dict, prefix)
-  p: dict = {}
-  for part in ("encoder", "decoder"):
-    tree = p[part] = {"conv_in": sd.conv(f"{part}.conv_in")}
-    tree["mid_block_1"] = _resnet(sd, f"{part}.mid.block_1", "nin_shortcut")
-    tree["mid_attn_1"] = _attention(sd, f"{part}.mid.attn_1", _LDM_ATTN)
-    tree["mid_block_2"] = _resnet(sd, f"{part}.mid.block_2", "nin_shortcut")
-    tree["norm_out"] = sd.norm(f"{part}.norm_out")
-    tree["conv_out"] = sd.conv(f"{part}.conv_out")
-    ours, theirs, resample = ("down", "down", "downsample") if part == "encoder" else ("up", "up", "upsample")
-    for i in _indices(sd, rf"{part}\.{theirs}\.(\d+)\."):
-      for j in _indices(sd, rf"{part}\.{theirs}\.{i}\.block\.(\d+)\."):
-        tree[f"{ours}_{i}_block_{j}"] = _resnet(sd, f"{part}.{theirs}.{i}.block.{j}", "nin_shortcut")
-      if sd.has(f"{part}.{theirs}.{i}.{resample}.conv.weight"):
-        tree[f"{ours}_{i}_{resample}"] = sd.conv(f"{part}.{theirs}.{i}.{resample}.conv")
-  p["quant_conv"] = sd.conv("quant_conv")
-  p["post_quant_conv"] = sd.conv("post_quant_conv")
-  return _finish(sd, p, expected)
+  return _convert(state_dict, prefix, expected, _LDM)
 
 
 def convert_diffusers_vae(state_dict: Mapping[str, Any], prefix: str = "", *, expected=None) -> dict:
@@ -140,30 +167,4 @@ def convert_diffusers_vae(state_dict: Mapping[str, Any], prefix: str = "", *, ex
     prefix: e.g. 'vae.' when the autoencoder sits inside a larger state dict.
     expected: optional parameter shapes to check against (e.g. `expected_vae_params(model)`).
   """
-  sd = StateDict(state_dict, prefix)
-  p: dict = {}
-  for part in ("encoder", "decoder"):
-    tree = p[part] = {"conv_in": sd.conv(f"{part}.conv_in")}
-    tree["mid_block_1"] = _resnet(sd, f"{part}.mid_block.resnets.0", "conv_shortcut")
-    tree["mid_attn_1"] = _attention(sd, f"{part}.mid_block.attentions.0", _DIFFUSERS_ATTN)
-    tree["mid_block_2"] = _resnet(sd, f"{part}.mid_block.resnets.1", "conv_shortcut")
-    tree["norm_out"] = sd.norm(f"{part}.conv_norm_out")
-    tree["conv_out"] = sd.conv(f"{part}.conv_out")
-  enc, dec = p["encoder"], p["decoder"]
-  for i in _indices(sd, r"encoder\.down_blocks\.(\d+)\."):
-    key = f"encoder.down_blocks.{i}"
-    for j in _indices(sd, rf"encoder\.down_blocks\.{i}\.resnets\.(\d+)\."):
-      enc[f"down_{i}_block_{j}"] = _resnet(sd, f"{key}.resnets.{j}", "conv_shortcut")
-    if sd.has(f"{key}.downsamplers.0.conv.weight"):
-      enc[f"down_{i}_downsample"] = sd.conv(f"{key}.downsamplers.0.conv")
-  up = _indices(sd, r"decoder\.up_blocks\.(\d+)\.")
-  for k in up:
-    i = len(up) - 1 - k  # diffusers lists the decoder levels coarsest first
-    key = f"decoder.up_blocks.{k}"
-    for j in _indices(sd, rf"decoder\.up_blocks\.{k}\.resnets\.(\d+)\."):
-      dec[f"up_{i}_block_{j}"] = _resnet(sd, f"{key}.resnets.{j}", "conv_shortcut")
-    if sd.has(f"{key}.upsamplers.0.conv.weight"):
-      dec[f"up_{i}_upsample"] = sd.conv(f"{key}.upsamplers.0.conv")
-  p["quant_conv"] = sd.conv("quant_conv")
-  p["post_quant_conv"] = sd.conv("post_quant_conv")
-  return _finish(sd, p, expected)
+  return _convert(state_dict, prefix, expected, _DIFFUSERS)

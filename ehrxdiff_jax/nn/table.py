@@ -6,10 +6,12 @@ LayerNorm eps 1e-5) and a key padding mask, then one Linear event_dim -> out_dim
 token (the reference's `TabTransformerEmbedder.fc`). There is NO positional encoding: the events are a
 set (their order only matters through the padding mask).
 
-Per layer:  x = norm1(x + dropout(self_attn(x)));  x = norm2(x + dropout(linear2(dropout(relu(linear1(x)))))).
-Dropout is active when `deterministic=False` and then needs a 'dropout' rng. Caveat: torch also applies
-dropout to the attention probabilities in training; `nn/attention.py` has no attention dropout, so that
-one dropout site is omitted (residual and feed-forward dropout are kept). Eval outputs are identical.
+Per layer:  x = norm1(x + dropout(self_attn(x)));  x = norm2(x + dropout(linear2(dropout(relu(linear1(x)))))),
+and self_attn drops attention probabilities too, every site at the one rate `dropout` as torch. Dropout is
+active when `deterministic=False` and then needs a 'dropout' rng.
+
+`project=False` leaves out `fc` and returns the encoder output (the table-classifier baselines,
+train/classifier.py, use the encoder alone).
 
 Parameter names: layer_{i}/{self_attn/{q,k,v,out}, linear1, linear2, norm1, norm2}, fc.
 """
@@ -39,7 +41,8 @@ class EncoderLayer(nn.Module):
   def __call__(self, x, key_mask, deterministic: bool = True):
     drop = lambda name: nn.Dropout(self.dropout, deterministic=deterministic, name=name)  # noqa: E731
     h = MultiHeadAttention(num_heads=self.heads, head_dim=self.d_model // self.heads, out_features=self.d_model,
-                           dtype=self.dtype, implementation=self.attention, name="self_attn")(x, key_mask=key_mask)
+                           dtype=self.dtype, implementation=self.attention, dropout=self.dropout,
+                           name="self_attn")(x, key_mask=key_mask, deterministic=deterministic)
     x = LayerNorm(LN_EPS, dtype=self.dtype, name="norm1")(x + drop("dropout1")(h))
     h = Dense(self.ff_dim, ("embed", "mlp"), dtype=self.dtype, name="linear1")(x)
     h = drop("dropout")(nn.relu(h))
@@ -58,11 +61,13 @@ class TableTower(nn.Module):
   dtype: Any = jnp.float32
   attention: str = "auto"
   remat: str = "none"
+  project: bool = True
 
   @nn.compact
   def __call__(self, events, event_mask, deterministic: bool = True):
     """events [B, L, event_dim] (valid rows first), event_mask [B, L] bool (True = real event)
-    -> tokens [B, L, out_dim] for every slot, padding included (as the reference)."""
+    -> tokens [B, L, out_dim] for every slot, padding included (as the reference); without `project`
+    the encoder output [B, L, event_dim]."""
     if self.event_dim % self.heads:
       raise ValueError(f"event_dim {self.event_dim} is not divisible by heads {self.heads}")
     if events.shape[-1] != self.event_dim:
@@ -74,6 +79,8 @@ class TableTower(nn.Module):
     for i in range(self.layers):
       x = layer(self.event_dim, self.heads, self.ff_dim, self.dropout, dtype=dtype, attention=self.attention,
                 name=f"layer_{i}")(x, event_mask, deterministic)
+    if not self.project:
+      return x
     return Dense(self.out_dim, ("embed", None), dtype=dtype, name="fc")(x)
 
 

@@ -20,10 +20,4 @@ def make_objective(cfg):
   name = cfg.train.objective
   if name not in OBJECTIVES:
     raise ValueError(f"unknown train.objective {name!r}; expected one of {sorted(OBJECTIVES)}")
-  try:
-    module = importlib.import_module(OBJECTIVES[name])
-  except ModuleNotFoundError as e:
-    if e.name == OBJECTIVES[name]:
-      raise NotImplementedError(f"the {name!r} trainer ({OBJECTIVES[name]}) is not written yet") from None
-    raise
-  return module.make_objective(cfg)
+  return importlib.import_module(OBJECTIVES[name]).make_objective(cfg)

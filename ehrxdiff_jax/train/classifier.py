@@ -4,9 +4,9 @@ evaluation/baseline/table_classifier.py.
 
 Model (`TableClassifier`):
   tokens = events [B, E, D] (+ one prev-label token in front, its mask True)
-  h      = the CLIP table tower's transformer encoder (2 post-LN layers, no positional encoding; the same
-           parameter names as nn/table.TableTower, so the CLIP checkpoint's layers load as they are; the
-           tower's output Linear `fc` is NOT part of the classifier, as in the reference)
+  h      = the CLIP table tower's transformer encoder: nn/table.TableTower with project=False (2 post-LN
+           layers, no positional encoding; the CLIP checkpoint's layers load as they are; the tower's output
+           Linear `fc` is NOT part of the classifier, as in the reference)
   logits = head(pool(h)), pool = 'mean' over valid tokens (default) or 'reference_sum' (the reference's
            sum over every slot, padding included, divided by the valid count); head: Linear D -> 10
 Prev-label token: 10 learnable D-dim label embeddings (`label_embs`, N(0, 1) init as torch.randn)
@@ -35,8 +35,8 @@ import numpy as np
 import optax
 
 from ehrxdiff_jax import models
-from ehrxdiff_jax.nn.layers import Dense, compute_dtype, maybe_remat, partitioned
-from ehrxdiff_jax.nn.table import EncoderLayer, pool_tokens
+from ehrxdiff_jax.nn.layers import Dense, compute_dtype, partitioned
+from ehrxdiff_jax.nn.table import TableTower, pool_tokens
 from ehrxdiff_jax.nn.vit import as_dtype
 from ehrxdiff_jax.train.objective import Objective
 
@@ -52,28 +52,6 @@ def prev_label_token(prev_labels: jax.Array, label_embs: jax.Array, average: str
   if average == "all":
     return total / label_embs.shape[0]
   return total / jnp.maximum(jnp.sum(pos, axis=1, keepdims=True), 1.0)
-
-
-class TableEncoder(nn.Module):
-  """The transformer part of nn/table.TableTower (same parameter names layer_{i}, no fc)."""
-  event_dim: int = 1536
-  heads: int = 24
-  ff_dim: int = 6144
-  layers: int = 2
-  dropout: float = 0.1
-  dtype: Any = jnp.float32
-  attention: str = "auto"
-  remat: str = "none"
-
-  @nn.compact
-  def __call__(self, x, mask, deterministic: bool = True):
-    dtype = as_dtype(self.dtype)
-    layer = maybe_remat(EncoderLayer, self.remat, static_argnums=(3,))
-    x = x.astype(dtype)
-    for i in range(self.layers):
-      x = layer(self.event_dim, self.heads, self.ff_dim, self.dropout, dtype=dtype, attention=self.attention,
-                name=f"layer_{i}")(x, mask, deterministic)
-    return x
 
 
 class TableClassifier(nn.Module):
@@ -110,8 +88,9 @@ class TableClassifier(nn.Module):
       label_embs = self.param("label_embs", partitioned(nn.initializers.normal(1.0), (None, "embed")),
                               (self.num_labels, self.event_dim), jnp.float32)
     x, mask = self.tokens(events, event_mask, prev_labels, label_embs)
-    h = TableEncoder(self.event_dim, self.heads, self.ff_dim, self.layers, self.dropout, dtype=self.dtype,
-                     attention=self.attention, remat=self.remat, name="table_tower")(x, mask, deterministic)
+    h = TableTower(event_dim=self.event_dim, heads=self.heads, ff_dim=self.ff_dim, layers=self.layers,
+                   dropout=self.dropout, project=False, dtype=self.dtype, attention=self.attention, remat=self.remat,
+                   name="table_tower")(x, mask, deterministic)
     pooled = pool_tokens(h, mask, self.pool)
     return Dense(self.num_labels, ("embed", None), dtype=as_dtype(self.dtype), name="head")(pooled).astype(jnp.float32)
 
