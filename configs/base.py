@@ -93,8 +93,9 @@ def get_config() -> ml_collections.ConfigDict:
   t.grad_accum = 1               # micro-batches per step (micro batch = batch_size / grad_accum)
   t.num_steps = 100_000
   t.learning_rate = 5e-5
-  t.schedule = "constant"        # constant | cosine
+  t.schedule = "constant"        # constant | cosine | cosine_restarts (train/state.py learning_rate_schedule)
   t.warmup_steps = 0
+  t.restart_every = 0            # cosine_restarts: cycle length in steps (warm-up + cosine, then restart)
   t.weight_decay = 0.01
   t.b1 = 0.9
   t.b2 = 0.999

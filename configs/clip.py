@@ -9,9 +9,9 @@ Then initialise the diffusion model's conditioner from it: `--config.train.init_
 Reference settings (model-facts.md): global batch 1024, AdamW lr 5e-4, betas (0.9, 0.98), eps 1e-6,
 weight decay 0.2, 100 epochs (~99 steps per epoch on the paper's 101,819 training pairs), logit scale
 init ln(1/0.07) clamped at ln 100, RandomResizedCrop(256, scale 0.75-1, ratio 1) on I_prev, table
-embedding = mean over the valid event tokens. The schedule is a linear warm-up then cosine decay to 0 over
-`num_steps` (the reference uses cosine cycles of 500 steps with 100 warm-up steps that restart; set
-num_steps=500 to get its first cycle).
+embedding = mean over the valid event tokens. The schedule is the reference's: cycles of 500 optimisation
+steps (`train.restart_every`), each a linear warm-up over 100 steps then a cosine decay to 0, restarting
+(`train.schedule='cosine_restarts'`; 'cosine' decays once over `num_steps` instead).
 
 CLIP options (train.clip_*):
   clip_vision_init   '' (random image tower) or a transformers CLIPVisionModel / CLIPModel state dict
@@ -37,7 +37,7 @@ def get_config(arg: str | None = None):
   t.learning_rate = 5e-4
   t.b1, t.b2, t.eps = 0.9, 0.98, 1e-6
   t.weight_decay = 0.2
-  t.schedule = "cosine"
+  t.schedule = "cosine_restarts"
   t.clip_vision_init = ""
   t.clip_pos_embed = "interpolate"
   t.clip_pool = "mean"
@@ -49,6 +49,7 @@ def get_config(arg: str | None = None):
     t.batch_size = 16
     t.num_steps = 100
     t.warmup_steps = 10
+    t.restart_every = 50         # the reference's cycle shape (warm-up 1/5 of the cycle), scaled down
     t.learning_rate = 1e-3
     t.log_every = 10
     t.eval_every = 50
@@ -57,6 +58,7 @@ def get_config(arg: str | None = None):
     t.batch_size = 1024
     t.num_steps = 10_000
     t.warmup_steps = 100
+    t.restart_every = 500
     t.eval_every = 500
     t.ckpt_every = 1000
   return c

@@ -1,8 +1,10 @@
-"""Loading `get_config()` files and applying `--config.a.b=value` overrides from the command line."""
+"""Loading `get_config()` files, applying `--config.a.b=value` overrides from the command line, and
+reading back the config a run saved (WORKDIR/config.json)."""
 from __future__ import annotations
 
 import ast
 import importlib.util
+import json
 import os
 import sys
 
@@ -26,6 +28,25 @@ def load_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_co
   for item in overrides:
     apply_override(config, item)
   return config
+
+
+def _tuplify(x):
+  if isinstance(x, dict):
+    return {k: _tuplify(v) for k, v in x.items()}
+  if isinstance(x, list):
+    return tuple(_tuplify(v) for v in x)
+  return x
+
+
+def read_saved_config(workdir: str) -> ml_collections.ConfigDict:
+  """The ConfigDict saved as WORKDIR/config.json by `ehrxdiff train` / `ehrxdiff convert`. JSON lists come
+  back as the tuples the config files use, so overrides and comparisons see the same types."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"no config.json in {workdir}: not a run directory of `ehrxdiff train` or "
+                            "`ehrxdiff convert`")
+  with open(path) as f:
+    return ml_collections.ConfigDict(_tuplify(json.load(f)))
 
 
 def _parse_value(text: str, current):

@@ -1,4 +1,5 @@
-"""Orbax checkpoints: state + data iterator round trip, restore on another mesh, unfinalised saves ignored."""
+"""Orbax checkpoints: state + data iterator round trip, restore on another mesh, unfinalised saves ignored,
+and reading another run's parameters (restore_run_params)."""
 import os
 import shutil
 
@@ -7,7 +8,8 @@ import numpy as np
 import pytest
 
 from ehrxdiff_jax import parallel
-from ehrxdiff_jax.train.checkpoint import Checkpointer
+from ehrxdiff_jax.train.checkpoint import (CheckpointError, Checkpointer, abstract_params, resolve_step_dir,
+                                           restore_run_params)
 from ehrxdiff_jax.train.loop import SyntheticBatches, Trainer
 from ehrxdiff_jax.train.toy import ToyObjective
 
@@ -101,3 +103,37 @@ def test_keep_k(tiny_config, tmp_path):
   ckpt.wait()
   assert ckpt.all_steps() == [2, 3]
   ckpt.close()
+
+
+def test_restore_run_params(saved, tmp_path):
+  """The one reader of another run's parameters: host numpy or placed, parts, EMA, shape checks, steps."""
+  _, directory, host, _ = saved
+  run = restore_run_params(directory)   # a checkpoints/ folder (the latest step)
+  assert run.step == 3 and run.meta["note"] == "x" and run.step_dir == os.path.join(directory, "3")
+  assert all(type(x) is np.ndarray for x in jax.tree.leaves(run.params)) and run.ema_params == {}
+  jax.tree.map(np.testing.assert_array_equal, run.params, host.params)
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[1])
+  placed = restore_run_params(os.path.join(directory, "3"), parts=("head",), ema=True, sharding=one)
+  assert set(placed.params) == set(placed.ema_params) == {"head"}
+  assert all(x.sharding == one for x in jax.tree.leaves(placed.ema_params))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(placed.ema_params), host.ema_params)
+  with pytest.raises(CheckpointError, match=r"holds the parameters \['encoder', 'frozen', 'head'\], not \['nope'\]"):
+    restore_run_params(directory, parts=("nope", "head"))
+  expected = abstract_params({"encoder": host.params["encoder"]})
+  expected["encoder"]["fc1"]["kernel"] = jax.ShapeDtypeStruct((16, 32), np.float32)
+  expected["encoder"]["fc3"] = {"bias": jax.ShapeDtypeStruct((4,), np.float32)}
+  with pytest.raises(CheckpointError, match=r"2 problems.*\['fc3'\]\['bias'\]: missing in the checkpoint.*"
+                                            r"\['fc1'\]\['kernel'\]: checkpoint \(16, 64\), model \(16, 32\)"):
+    restore_run_params(directory, expected=expected)
+  workdir = tmp_path / "run"   # a run directory: WORKDIR/checkpoints/<step>, other steps chosen by number
+  shutil.copytree(directory, workdir / "checkpoints")
+  shutil.copytree(os.path.join(directory, "3"), workdir / "checkpoints" / "1")
+  shutil.copytree(os.path.join(directory, "3"), workdir / "checkpoints" / "9.orbax-checkpoint-tmp-1")
+  assert resolve_step_dir(str(workdir)) == (str(workdir), str(workdir / "checkpoints" / "3"), 3)
+  assert restore_run_params(str(workdir), step=1, parts=("frozen",)).step == 1
+  for bad, message in ((dict(path=str(workdir), step=2), r"no checkpoint of step 2 .*steps: \[1, 3\]"),
+                       (dict(path=str(workdir / "checkpoints" / "3"), step=1), "step 1 asked for"),
+                       (dict(path=str(tmp_path / "none")), "no checkpoint directory"),
+                       (dict(path=str(tmp_path)), "no complete checkpoint")):
+    with pytest.raises(CheckpointError, match=message):
+      resolve_step_dir(**bad)

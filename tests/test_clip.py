@@ -1,6 +1,7 @@
 """CLIP pretraining: the contrastive loss against numpy (incl. an 8-device global batch), the logit-scale
-clamp, the image-tower init with positional-embedding adaptation, RandomResizedCrop, resume, and loading
-the CLIP towers into the conditioner."""
+clamp, the image-tower init with positional-embedding adaptation, RandomResizedCrop, the warm-up + cosine
+schedule with restarts, resume, and loading the CLIP towers into the conditioner."""
+import math
 import os
 
 import flax.linen as nn
@@ -14,6 +15,7 @@ from ehrxdiff_jax import augment, models, parallel
 from ehrxdiff_jax.config_util import load_config
 from ehrxdiff_jax.train import clip as clip_lib
 from ehrxdiff_jax.train import loop
+from ehrxdiff_jax.train import state as state_lib
 from ehrxdiff_jax.train.checkpoint import Checkpointer
 from ehrxdiff_jax.train.state import TrainState
 
@@ -120,6 +122,34 @@ def test_objective_loss_uses_the_global_batch(trainer):
   np.testing.assert_allclose(float(loss), want, rtol=1e-4)
   np.testing.assert_allclose(float(m["acc_img2ev"]), acc_i)
   assert batch["events"].sharding.spec[0] == parallel.BATCH_AXES
+
+
+def reference_lr(step, lr, warmup, cycle):
+  """CosineAnnealingWarmupRestarts(first_cycle_steps=cycle, warmup_steps=warmup, cycle_mult=1, min_lr=0),
+  stepped once per optimisation step (the reference CLIP pretraining), at optimisation step `step`."""
+  k = step % cycle
+  if k < warmup:
+    return lr * k / warmup
+  return lr * (1 + math.cos(math.pi * (k - warmup) / (cycle - warmup))) / 2
+
+
+def test_cosine_restarts_schedule_matches_the_reference(trainer):
+  full = load_config(os.path.join(ROOT, "configs", "clip.py")).train
+  assert (full.schedule, full.restart_every, full.warmup_steps) == ("cosine_restarts", 500, 100)
+  assert full.learning_rate == 5e-4
+  _, schedule = state_lib.make_optimizer(full)
+  steps = [0, 1, 50, 99, 100, 101, 300, 498, 499, 500, 501, 599, 600, 601, 1234, 9999, 10_000, 25_123]
+  np.testing.assert_allclose([float(schedule(k)) for k in steps], [reference_lr(k, 5e-4, 100, 500) for k in steps],
+                             rtol=1e-5, atol=1e-11)
+  assert float(schedule(499)) < 1e-8 and float(schedule(500)) == 0.0 and float(schedule(600)) == pytest.approx(5e-4)
+  # the trainer's schedule (tiny: lr 1e-3, warm-up 1 per the test config, cycles of 50), jitted as in the step
+  t = trainer.cfg.train
+  assert (t.schedule, t.restart_every, t.warmup_steps) == ("cosine_restarts", 50, 1)
+  steps = np.array([0, 1, 2, 25, 49, 50, 51, 99, 100, 101])
+  np.testing.assert_allclose(np.asarray(jax.jit(jax.vmap(trainer.schedule))(steps)),
+                             [reference_lr(int(k), t.learning_rate, 1, 50) for k in steps], rtol=1e-5, atol=1e-11)
+  with pytest.raises(ValueError, match="restart_every"):
+    state_lib.learning_rate_schedule(clip_cfg(["--config.train.restart_every=1"]).train)
 
 
 def _run(trainer, workdir, steps, resume):

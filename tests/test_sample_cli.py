@@ -175,7 +175,8 @@ def test_grid_and_png_helpers(tmp_path):
 
 def test_convert_vae_and_clip_files(setup, tmp_path):
   """cheff-vae and clip files convert to checkpoints their readers accept (train.clip.load_clip_towers)."""
-  from ehrxdiff_jax.commands.sample import SampleError, restore_ldm
+  from ehrxdiff_jax.commands.sample import load_checkpoint_params
+  from ehrxdiff_jax.train.checkpoint import CheckpointError
   from ehrxdiff_jax.train.clip import load_clip_towers
   cfg = setup["cfg"]
   params = random_params(cfg, 5)
@@ -183,9 +184,10 @@ def test_convert_vae_and_clip_files(setup, tmp_path):
   torch.save({k: torch.from_numpy(np.array(v)) for k, v in ex.export_ldm_vae(params["vae"]).items()}, vae_file)
   out = str(tmp_path / "vae")
   assert main(["convert", "--from-torch", vae_file, "--config", TINY, "--out", out, *OVERRIDES]) == 0
-  with pytest.raises(SampleError, match=r"holds the parameters \['vae'\]"):
+  with pytest.raises(CheckpointError, match=r"holds the parameters \['vae'\], not \['conditioner', 'unet'\]"):
     import jax
-    restore_ldm(os.path.join(out, "checkpoints", "0"), cfg, jax.sharding.SingleDeviceSharding(jax.devices()[0]), True)
+    load_checkpoint_params(os.path.join(out, "checkpoints", "0"), cfg,
+                           jax.sharding.SingleDeviceSharding(jax.devices()[0]), True)
 
   towers = params["conditioner"]
   clip_sd = {"model.visual." + k: v for k, v in ex.export_openai_visual(towers["image_tower"]).items()}
@@ -205,13 +207,26 @@ def test_convert_vae_and_clip_files(setup, tmp_path):
 def test_restore_checks_shapes_against_the_config(setup, converted):
   import jax
 
-  from ehrxdiff_jax.commands.sample import SampleError, read_saved_config, restore_ldm
+  from ehrxdiff_jax.commands.sample import load_checkpoint_params
+  from ehrxdiff_jax.config_util import read_saved_config
+  from ehrxdiff_jax.train.checkpoint import CheckpointError, restore_run_params
   cfg = read_saved_config(converted)
   assert cfg.model.unet.channel_mult == (1, 2) and cfg.model.unet.model_channels == 16
   dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  params, used_ema, meta = restore_ldm(os.path.join(converted, "checkpoints", "0"), cfg, dev, True)
+  params, used_ema, meta = load_checkpoint_params(os.path.join(converted, "checkpoints", "0"), cfg, dev, True)
   assert used_ema and meta["kind"] == "ehrxdiff" and meta["step"] == 0
-  assert params["unet"]["conv_in"]["kernel"].shape == (3, 3, 3, 16)
+  kernel = params["unet"]["conv_in"]["kernel"]
+  assert kernel.shape == (3, 3, 3, 16) and kernel.sharding == dev
+  # the same reader on the host (as train.init_from uses it): the EMA UNet is the one swapped in above
+  host = restore_run_params(converted, parts=("unet",), ema=True)
+  assert host.step == 0 and host.workdir == converted and set(host.params) == set(host.ema_params) == {"unet"}
+  np.testing.assert_array_equal(host.ema_params["unet"]["conv_in"]["kernel"], params["unet"]["conv_in"]["kernel"])
+  assert not np.array_equal(host.params["unet"]["conv_in"]["kernel"], params["unet"]["conv_in"]["kernel"])
+  with pytest.raises(CheckpointError, match=r"no checkpoint of step 5 under .*; steps: \[0\]"):
+    restore_run_params(converted, step=5)
   cfg.model.unet.model_channels = 32
-  with pytest.raises(SampleError, match=r"\['unet'\]\['conv_in'\]\['kernel'\]: checkpoint \(3, 3, 3, 16\), config \(3, 3, 3, 32\)"):
-    restore_ldm(os.path.join(converted, "checkpoints", "0"), cfg, dev, True)
+  with pytest.raises(CheckpointError,
+                     match=r"\['unet'\]\['conv_in'\]\['kernel'\]: checkpoint \(3, 3, 3, 16\), model \(3, 3, 3, 32\)"):
+    load_checkpoint_params(os.path.join(converted, "checkpoints", "0"), cfg, dev, True)
+  with pytest.raises(FileNotFoundError, match="no config.json"):
+    read_saved_config(os.path.join(converted, "checkpoints"))

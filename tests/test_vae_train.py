@@ -1,6 +1,7 @@
 """VAE training: LPIPS against the PyTorch `lpips` package (random VGG trunk), the shipped LPIPS weights,
 the PatchGAN discriminator (shapes, parity with a torch restatement, hinge loss), the adaptive weight
-against a direct gradient, the disc_start switch, SSIM/PSNR, resume, and the reconstruction grid."""
+against a direct gradient, the disc_start switch, SSIM/PSNR, resume, the reconstruction grid, and
+`ehrxdiff train --config.train.init_from=CHEFF.pt` from a Cheff / LDM autoencoder file."""
 import importlib.util
 import os
 import sys
@@ -12,26 +13,33 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ehrxdiff_jax import parallel
+from ehrxdiff_jax import models, parallel
+from ehrxdiff_jax.cli import main
 from ehrxdiff_jax.config_util import load_config
 from ehrxdiff_jax.evaluate import metrics
 from ehrxdiff_jax.nn import discriminator as disc_lib
 from ehrxdiff_jax.nn import lpips as lpips_lib
 from ehrxdiff_jax.train import loop
 from ehrxdiff_jax.train import vae as vae_lib
-from ehrxdiff_jax.train.checkpoint import Checkpointer
+from ehrxdiff_jax.interop.common import ConversionError
+from ehrxdiff_jax.interop.ehrxdiff import export_ldm_vae
+from ehrxdiff_jax.interop.vae import expected_vae_params
+from ehrxdiff_jax.train.checkpoint import Checkpointer, restore_run_params
 from tests.parity import max_rel_err, nchw_to_nhwc, nhwc_to_nchw
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+VAE_TINY = os.path.join(ROOT, "configs", "vae.py:tiny")
+SMALL = ["--config.data.image_size=32", "--config.model.vae.ch=16", "--config.model.vae.norm_groups=4",
+         "--config.train.vae_disc_ndf=8"]
+
+
 def vae_cfg(overrides=()):
   base = ["--config.train.log_every=2", "--config.train.ckpt_every=2", "--config.train.eval_every=0",
           "--config.train.num_steps=4", "--config.train.vae_lpips_weights=random",
-          "--config.train.vae_lpips_channels=[4,8,8,8,8]", "--config.train.vae_disc_start=0",
-          "--config.data.image_size=32", "--config.model.vae.ch=16", "--config.model.vae.norm_groups=4",
-          "--config.train.vae_disc_ndf=8"]
-  return load_config(os.path.join(ROOT, "configs", "vae.py:tiny"), base + list(overrides))
+          "--config.train.vae_lpips_channels=[4,8,8,8,8]", "--config.train.vae_disc_start=0", *SMALL]
+  return load_config(VAE_TINY, base + list(overrides))
 
 
 def _torch_vgg16_features(torch):
@@ -243,3 +251,75 @@ def test_resume_equals_uninterrupted_eval_metrics_and_grid(trainer, tmp_path):
     np.testing.assert_array_equal(a, b)
   for a, b in zip(jax.tree.leaves(loaded.params["disc"]), jax.tree.leaves(jax.device_get(fresh.params["disc"]))):
     np.testing.assert_array_equal(a, b) and grid.dtype == np.uint8 and os.path.exists(tmp_path / "grid.png")
+
+
+# ------------------------------------------------------------------ train.init_from a Cheff / LDM .pt file
+
+
+class _RunsOnUnpickling:
+  """An object whose unpickling would create `path`: torch.load(weights_only=True) must refuse it."""
+
+  def __init__(self, path):
+    self.path = path
+
+  def __reduce__(self):
+    return os.mkdir, (self.path,)
+
+
+@pytest.fixture(scope="module")
+def cheff_file(tmp_path_factory):
+  """(path, our parameter tree): a Cheff autoencoder state dict (LDM names, the VAE training loss's
+  `loss.*` keys included) of the SMALL tiny VAE with random weights, saved by torch.save as Lightning does."""
+  torch = pytest.importorskip("torch")
+  vae = models.build_vae(load_config(VAE_TINY, SMALL))
+  rng = np.random.default_rng(7)
+  params = jax.tree.map(lambda s: (rng.standard_normal(s.shape) * 0.05).astype(np.float32), expected_vae_params(vae))
+  sd = {k: torch.from_numpy(np.array(v)) for k, v in export_ldm_vae(params).items()}
+  sd["loss.logvar"] = torch.zeros(())
+  sd["loss.discriminator.main.0.weight"] = torch.ones(8, 3, 4, 4)
+  path = str(tmp_path_factory.mktemp("cheff") / "cheff_autoencoder.pt")
+  torch.save({"state_dict": sd, "epoch": 3}, path)
+  return path, params, sd
+
+
+def test_train_init_from_a_cheff_pt_file_through_the_cli(cheff_file, tmp_path):
+  path, params, _ = cheff_file
+  workdir = str(tmp_path / "run")
+  # warmup_steps=1: the first update has learning rate 0, so the step-1 checkpoint holds the step-0
+  # parameters; the second step trains on from them.
+  rc = main(["train", "--config", VAE_TINY, "--data", "synthetic", "--workdir", workdir, "--steps", "2",
+             "--no-progress", *SMALL, "--config.train.vae_lpips_weights=", "--config.train.vae_disc_enabled=false",
+             "--config.train.warmup_steps=1",
+             "--config.train.ckpt_every=1", "--config.train.log_every=1", "--config.train.eval_every=0",
+             f"--config.train.init_from={path}"])
+  assert rc == 0
+  step0 = restore_run_params(workdir, step=1, parts=("vae",)).params["vae"]
+  jax.tree.map(np.testing.assert_array_equal, step0, params)
+  step2 = restore_run_params(workdir, step=2, parts=("vae",)).params["vae"]
+  assert not np.array_equal(step2["decoder"]["conv_out"]["kernel"], params["decoder"]["conv_out"]["kernel"])
+
+
+def test_init_from_file_refuses_missing_extra_keys_and_pickled_code(cheff_file, trainer, tmp_path):
+  torch = pytest.importorskip("torch")
+  _, _, sd = cheff_file
+  cases = {  # bare state dicts (no 'state_dict' level) are read too
+      "missing": ({k: v for k, v in sd.items() if k != "decoder.conv_out.bias"},
+                  r"missing key 'decoder\.conv_out\.bias'"),
+      "extra": ({**sd, "decoder.extra.weight": torch.zeros(2)}, r"not used by the conversion: decoder\.extra\.weight"),
+  }
+  # the trainer's model has ch 16: a file of a wider autoencoder names the first mismatching parameter
+  wide = {k: (torch.zeros(32, *v.shape[1:]) if k == "encoder.conv_in.weight" else v) for k, v in sd.items()}
+  cases["shape"] = (wide, r"encoder\.conv_in\.weight")
+  state = trainer.init_state()
+  for name, (bad, message) in cases.items():
+    path = str(tmp_path / f"{name}.pt")
+    torch.save(bad, path)
+    with pytest.raises(ConversionError, match=message):
+      trainer.objective.init_from(state, path, trainer)
+  # pickle is never executed: torch.load(weights_only=True) refuses a file that carries code
+  marker = str(tmp_path / "pickle_ran")
+  path = str(tmp_path / "code.pt")
+  torch.save({"state_dict": sd, "hook": _RunsOnUnpickling(marker)}, path)
+  with pytest.raises(Exception, match="[Ww]eights only load failed"):
+    trainer.objective.init_from(state, path, trainer)
+  assert not os.path.exists(marker)

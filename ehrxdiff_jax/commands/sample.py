@@ -73,114 +73,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-# ----------------------------------------------------------------------------- config and checkpoint
+# ----------------------------------------------------------------------------- checkpoint
 
 
-def _tuplify(x):
-  if isinstance(x, dict):
-    return {k: _tuplify(v) for k, v in x.items()}
-  if isinstance(x, list):
-    return tuple(_tuplify(v) for v in x)
-  return x
-
-
-def read_saved_config(workdir: str):
-  """The ConfigDict saved as WORKDIR/config.json by `ehrxdiff train` / `ehrxdiff convert` (lists -> tuples)."""
-  import ml_collections
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise SampleError(f"no config.json in {workdir}: not a training workdir or `ehrxdiff convert` output")
-  with open(path) as f:
-    return ml_collections.ConfigDict(_tuplify(json.load(f)))
-
-
-def resolve_checkpoint(path: str, step: int | None = None) -> tuple[str, str, int]:
-  """RUN, RUN/checkpoints or RUN/checkpoints/<step> -> (workdir, step folder, step)."""
-  path = os.path.abspath(os.path.expanduser(path))
-  if not os.path.isdir(path):
-    raise SampleError(f"no checkpoint directory at {path}")
-  if os.path.isdir(os.path.join(path, "state")) and os.path.basename(path).isdigit():
-    step_dir = path
-    workdir = os.path.dirname(os.path.dirname(path))
-    if step is not None and int(os.path.basename(path)) != step:
-      raise SampleError(f"--step {step} but {path} is step {os.path.basename(path)}")
-    return workdir, step_dir, int(os.path.basename(path))
-  ckpt = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
-  workdir = os.path.dirname(ckpt) if os.path.basename(ckpt) == "checkpoints" else path
-  steps = sorted(int(d) for d in os.listdir(ckpt) if d.isdigit() and os.path.isdir(os.path.join(ckpt, d, "state")))
-  if not steps:
-    raise SampleError(f"no complete checkpoint under {ckpt}")
-  if step is None:
-    step = steps[-1]
-  elif step not in steps:
-    raise SampleError(f"no checkpoint of step {step} under {ckpt}; steps: {steps}")
-  return workdir, os.path.join(ckpt, str(step)), step
-
-
-def _state_metadata(state_dir: str) -> dict:
-  import orbax.checkpoint as ocp
-  meta = ocp.PyTreeCheckpointer().metadata(state_dir)
-  tree = meta
-  for attr in ("item_metadata", "tree"):
-    tree = getattr(tree, attr, tree)
-  return dict(tree)
-
-
-def _shape_problems(saved, expected, where: str) -> list[str]:
-  import jax
-  s = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
-  e = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(expected)[0]}
-  out = [f"{where}{k}: missing in the checkpoint (config shape {tuple(e[k].shape)})" for k in sorted(set(e) - set(s))]
-  out += [f"{where}{k}: in the checkpoint but not in the config's model" for k in sorted(set(s) - set(e))]
-  out += [f"{where}{k}: checkpoint {tuple(s[k].shape)}, config {tuple(e[k].shape)}"
-          for k in sorted(set(s) & set(e)) if tuple(s[k].shape) != tuple(e[k].shape)]
-  return out
-
-
-def restore_ldm(step_dir: str, cfg, sharding, use_ema: bool | None) -> tuple[dict, bool, dict]:
+def load_checkpoint_params(step_dir: str, cfg, sharding, use_ema) -> tuple[dict, bool, dict]:
   """(params with the EMA UNet swapped in when used, whether EMA was used, saved meta) of a checkpoint.
 
-  Reads only 'params' (and 'ema_params') of the saved state (orbax partial restore), placed with
-  `sharding` (e.g. replicated over the mesh); shapes are checked against the config first."""
-  import jax
-  import orbax.checkpoint as ocp
-
+  Reads only the LDM's parameters (and the EMA UNet) through train.checkpoint.restore_run_params, placed
+  with `sharding`, after checking every shape against the config's networks. use_ema: False, True (the
+  config's default: falls back to the raw UNet with a warning) or 'explicit' (--ema: an error without one)."""
   from ehrxdiff_jax.interop.ehrxdiff import expected_ldm_params
-  state_dir = os.path.join(step_dir, "state")
-  saved = _state_metadata(state_dir)
-  if "params" not in saved:
-    raise SampleError(f"{state_dir} is not a training-state checkpoint (no 'params'; has {sorted(saved)})")
-  expected = expected_ldm_params(cfg)
-  parts = sorted(saved["params"]) if isinstance(saved["params"], dict) else []
-  if not set(expected) <= set(parts):
-    raise SampleError(f"{step_dir} holds the parameters {parts} (train.objective="
-                      f"{cfg.train.get('objective', '?')!r}), not a latent diffusion model {sorted(expected)}")
-  problems = _shape_problems({k: saved["params"].get(k, {}) for k in expected}, expected, "params")
-  if problems:
-    raise SampleError(f"the checkpoint {step_dir} does not match its config ({len(problems)} problems): "
-                      + "; ".join(problems[:8]))
-  has_ema = "unet" in (saved.get("ema_params") or {})
+  from ehrxdiff_jax.train.checkpoint import restore_run_params
+  run = restore_run_params(step_dir, expected=expected_ldm_params(cfg), ema=bool(use_ema), sharding=sharding)
+  has_ema = "unet" in run.ema_params
   if use_ema and not has_ema:
     if use_ema == "explicit":
       raise SampleError(f"--ema: the checkpoint {step_dir} has no EMA parameters (use --no-ema)")
     log.warning("the checkpoint has no EMA UNet; sampling with the raw parameters")
-  use = bool(use_ema) and has_ema
-  item = {"params": expected}
-  if use:
-    item["ema_params"] = {"unet": expected["unet"]}
-  item = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), item)
-  restored = ocp.PyTreeCheckpointer().restore(
-      state_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-                                             partial_restore=True))
-  params = dict(restored["params"])
-  if use:
-    params["unet"] = restored["ema_params"]["unet"]
-  meta = {}
-  meta_path = os.path.join(step_dir, "meta", "metadata")
-  if os.path.exists(meta_path):
-    with open(meta_path) as f:
-      meta = json.load(f)
-  return params, use, meta
+  params = dict(run.params)
+  if has_ema:
+    params["unet"] = run.ema_params["unet"]
+  return params, has_ema, run.meta
 
 
 # ----------------------------------------------------------------------------- data checks
@@ -315,16 +228,18 @@ def _pad(batch: dict, size: int) -> dict:
 def run(args) -> int:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   from ehrxdiff_jax.interop.common import ConversionError
+  from ehrxdiff_jax.train.checkpoint import CheckpointError
   try:
     return _run(args)
-  except (SampleError, ConversionError) as e:
+  except (SampleError, ConversionError, CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
 
 
 def _load_config(args):
   """(cfg, source description) from --checkpoint (its saved config) or --from-torch (--config)."""
-  from ehrxdiff_jax.config_util import apply_override, load_config
+  from ehrxdiff_jax.config_util import apply_override, load_config, read_saved_config
+  from ehrxdiff_jax.train.checkpoint import resolve_step_dir
   if bool(args.checkpoint) == bool(args.from_torch):
     raise SampleError("pass exactly one of --checkpoint DIR and --from-torch FILE")
   if args.from_torch:
@@ -337,8 +252,11 @@ def _load_config(args):
   if args.config:
     raise SampleError("--config is only for --from-torch; a checkpoint is sampled with its saved config "
                       "(change fields with --config.a.b=v)")
-  workdir, step_dir, step = resolve_checkpoint(args.checkpoint, args.step)
-  cfg = read_saved_config(workdir)
+  workdir, step_dir, step = resolve_step_dir(args.checkpoint, args.step)
+  try:
+    cfg = read_saved_config(workdir)
+  except FileNotFoundError as e:
+    raise SampleError(str(e)) from None
   for item in args.config_overrides:
     apply_override(cfg, item)
   return cfg, {"checkpoint": step_dir, "workdir": workdir, "step": step}
@@ -381,7 +299,7 @@ def _run(args) -> int:
     params = jax.device_put(params, replicated)
     source["import"] = {k: v for k, v in imported.info.items() if k != "fields"}
   else:
-    params, used_ema, meta = restore_ldm(source["checkpoint"], cfg, replicated, use_ema)
+    params, used_ema, meta = load_checkpoint_params(source["checkpoint"], cfg, replicated, use_ema)
     source["meta"] = meta
   load_s = time.perf_counter() - t_load
 

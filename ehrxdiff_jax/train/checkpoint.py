@@ -8,14 +8,21 @@ manager removes): it never restores as if complete.
 
 Restoring goes through an abstract target whose leaves carry the *current* mesh's shardings, so a
 checkpoint saved on 8 devices restores on 1 or 4 (or another mesh shape).
+
+Reading another run's parameters (initialising from a CLIP / VAE / LDM run, sampling, `ehrxdiff convert`
+output) goes through one function, `restore_run_params`: a partial restore of `params` (and optionally
+`ema_params`) of one step, as host numpy arrays or placed with a sharding, checked against expected shapes.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
@@ -96,3 +103,122 @@ class Checkpointer:
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs of `tree` (arrays or structs) carrying `shardings` (a matching tree)."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+# ------------------------------------------------------------------ reading another run's parameters
+
+
+class CheckpointError(ValueError):
+  """A run directory or checkpoint that cannot be read as asked; the message names the path and the problem."""
+
+
+def resolve_step_dir(path: str, step: int | None = None) -> tuple[str, str, int]:
+  """A run directory (WORKDIR with checkpoints/<step>/), its checkpoints/ folder or one step folder ->
+  (workdir, step folder, step): `step`, or the latest complete one. Unfinalised saves
+  (`<step>.orbax-checkpoint-tmp-*`) are not steps."""
+  path = os.path.abspath(os.path.expanduser(path))
+  if not os.path.isdir(path):
+    raise CheckpointError(f"no checkpoint directory at {path}")
+  if os.path.isdir(os.path.join(path, "state")) and os.path.basename(path).isdigit():
+    if step is not None and int(os.path.basename(path)) != step:
+      raise CheckpointError(f"step {step} asked for, but {path} is step {os.path.basename(path)}")
+    return os.path.dirname(os.path.dirname(path)), path, int(os.path.basename(path))
+  ckpt = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+  workdir = os.path.dirname(ckpt) if os.path.basename(ckpt) == "checkpoints" else path
+  steps = sorted(int(d) for d in os.listdir(ckpt) if d.isdigit() and os.path.isdir(os.path.join(ckpt, d, "state")))
+  if not steps:
+    raise CheckpointError(f"no complete checkpoint under {ckpt}")
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    raise CheckpointError(f"no checkpoint of step {step} under {ckpt}; steps: {steps}")
+  return workdir, os.path.join(ckpt, str(step)), step
+
+
+def saved_state_tree(step_dir: str) -> dict:
+  """The saved TrainState's structure (nested dicts of orbax ArrayMetadata: shape, dtype); reads no array."""
+  tree = ocp.PyTreeCheckpointer().metadata(os.path.join(step_dir, "state"))
+  for attr in ("item_metadata", "tree"):   # the metadata object differs between orbax versions
+    tree = getattr(tree, attr, tree)
+  tree = dict(tree)
+  if not isinstance(tree.get("params"), dict):
+    raise CheckpointError(f"{step_dir} is not a training-state checkpoint (no 'params'; has {sorted(tree)})")
+  return tree
+
+
+def saved_param_parts(path: str, step: int | None = None) -> set[str]:
+  """The top-level parameter parts of a run's checkpoint (e.g. {'unet', 'conditioner', 'vae'})."""
+  return set(saved_state_tree(resolve_step_dir(path, step)[1])["params"])
+
+
+def shape_problems(saved: Any, expected: Any, where: str) -> list[str]:
+  """Each leaf missing from `saved`, not in `expected`, or of another shape, named by its path."""
+  s = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
+  e = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(expected)[0]}
+  out = [f"{where}{k}: missing in the checkpoint (expected shape {tuple(e[k].shape)})" for k in sorted(set(e) - set(s))]
+  out += [f"{where}{k}: in the checkpoint but not in the model" for k in sorted(set(s) - set(e))]
+  out += [f"{where}{k}: checkpoint {tuple(s[k].shape)}, model {tuple(e[k].shape)}"
+          for k in sorted(set(s) & set(e)) if tuple(s[k].shape) != tuple(e[k].shape)]
+  return out
+
+
+def abstract_params(tree: Any) -> Any:
+  """ShapeDtypeStructs of a tree of arrays (the `expected` of restore_run_params)."""
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), tree)
+
+
+@dataclasses.dataclass
+class RunParams:
+  params: dict           # the restored parts of `params`
+  ema_params: dict       # the saved EMA copies of those parts (only when asked for; {} if none)
+  meta: dict             # the step's JSON record (Checkpointer.save `meta`)
+  step: int
+  step_dir: str
+  workdir: str
+
+
+def restore_run_params(path: str, step: int | None = None, *, parts: Sequence[str] | None = None,
+                       expected: dict | None = None, ema: bool = False, sharding=None) -> RunParams:
+  """The parameters of a run's checkpoint, without its optimiser state (orbax partial restore).
+
+  path: a run directory, its checkpoints/ folder or one step folder (resolve_step_dir); step: default the
+  latest. parts: the top-level parts of `params` to read (default all); each must be present.
+  expected: {part: tree of ShapeDtypeStruct} (e.g. `abstract_params` of the model's tree): reads those
+  parts and refuses any missing, extra or mis-shaped leaf, naming every problem. ema: also read the saved
+  `ema_params` of those parts, where the run has them. sharding: None gives host numpy arrays (any mesh
+  the run was saved on); a jax Sharding places every leaf with it (e.g. replicated over a mesh).
+  """
+  workdir, step_dir, step = resolve_step_dir(path, step)
+  saved = saved_state_tree(step_dir)
+  have = sorted(saved["params"])
+  if expected is not None:
+    parts = tuple(expected)
+  parts = tuple(have if parts is None else parts)
+  missing = [p for p in parts if p not in saved["params"]]
+  if missing:
+    raise CheckpointError(f"{step_dir} holds the parameters {have}, not {missing}")
+  if expected is not None:
+    problems = shape_problems({p: saved["params"][p] for p in parts}, expected, "params")
+    if problems:
+      raise CheckpointError(f"the checkpoint {step_dir} does not match the model ({len(problems)} problems): "
+                            + "; ".join(problems[:8]) + ("; ..." if len(problems) > 8 else ""))
+  item = {"params": {p: saved["params"][p] for p in parts}}
+  saved_ema = saved.get("ema_params") or {}
+  ema_parts = [p for p in parts if p in saved_ema] if ema else []
+  if ema_parts:
+    item["ema_params"] = {p: saved_ema[p] for p in ema_parts}
+  item = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding), item)
+  if sharding is None:
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+  else:
+    restore_args = ocp.checkpoint_utils.construct_restore_args(item)
+  restored = ocp.PyTreeCheckpointer().restore(
+      os.path.join(step_dir, "state"),
+      args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
+  meta = {}
+  meta_path = os.path.join(step_dir, "meta", "metadata")
+  if os.path.exists(meta_path):
+    with open(meta_path) as f:
+      meta = json.load(f)
+  return RunParams(params=dict(restored["params"]), ema_params=dict(restored.get("ema_params") or {}), meta=meta,
+                   step=step, step_dir=step_dir, workdir=workdir)

@@ -18,7 +18,8 @@ used; the reference clamps the parameter itself after every step, which `post_up
 calls it (with the forward clamp alone the scale is the same; only the hidden parameter may drift above
 ln 100 while its gradient is zero there). Parameters: {'image_tower' (with ln_post), 'table_tower',
 'logit_scale'}; all trainable, no EMA. AdamW lr 5e-4, betas (0.9, 0.98), eps 1e-6, weight decay 0.2 on
-every parameter (the reference decays all of them), warm-up + cosine per step: configs/clip.py.
+every parameter (the reference decays all of them), per optimisation step a warm-up + cosine in cycles of
+500 steps that restart (train.schedule='cosine_restarts'): configs/clip.py.
 
 Image-tower initialisation (`train.clip_vision_init`): a transformers `CLIPVisionModel` / `CLIPModel`
 state dict (.safetensors/.bin/.pt) or an OpenAI-CLIP `visual.*` state dict, e.g. ViT-B/32 at 224 px; the
@@ -45,6 +46,7 @@ import numpy as np
 from ehrxdiff_jax import models
 from ehrxdiff_jax.augment import random_resized_crop
 from ehrxdiff_jax.nn.table import pool_tokens
+from ehrxdiff_jax.train.checkpoint import CheckpointError, resolve_step_dir, restore_run_params, saved_param_parts
 from ehrxdiff_jax.train.objective import Objective
 
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
@@ -107,46 +109,18 @@ def replace_in_boxed(boxed: Any, new: Any, where: str = "") -> Any:
   return boxed.replace_boxed(arr) if isinstance(boxed, nn.Partitioned) else arr
 
 
-def _resolve_step_dir(path: str) -> str:
-  """A CLIP workdir, its checkpoints/ folder or one step folder -> the step folder (latest step)."""
-  path = os.path.abspath(os.path.expanduser(path))
-  if os.path.isdir(os.path.join(path, "state")):
-    return path
-  ckpt = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
-  if not os.path.isdir(ckpt):
-    raise FileNotFoundError(f"no CLIP checkpoint at {path}")
-  steps = sorted(int(d) for d in os.listdir(ckpt) if d.isdigit() and os.path.isdir(os.path.join(ckpt, d, "state")))
-  if not steps:
-    raise FileNotFoundError(f"no complete checkpoint under {ckpt}")
-  return os.path.join(ckpt, str(steps[-1]))
-
-
-@functools.lru_cache(maxsize=4)
-def _restore_params(step_dir: str) -> dict:
-  """The 'params' of a saved TrainState, as host numpy arrays (any mesh it was saved on)."""
-  import orbax.checkpoint as ocp
-  state_dir = os.path.join(step_dir, "state")
-  ckptr = ocp.PyTreeCheckpointer()
-  meta = ckptr.metadata(state_dir)
-  tree = meta.tree if hasattr(meta, "tree") else meta
-  if hasattr(tree, "item_metadata"):
-    tree = tree.item_metadata.tree
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), dict(tree))
-  state = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
-  if "params" not in state:
-    raise ValueError(f"{state_dir} is not a training-state checkpoint (no 'params'; has {sorted(state)})")
-  return jax.tree.map(np.asarray, state["params"])
-
-
 def load_clip_towers(path: str, include_ln_post: bool = False) -> dict:
   """{'image_tower', 'table_tower', 'logit_scale'} (numpy) of the latest checkpoint of a CLIP run.
 
   `path`: the CLIP workdir, its checkpoints/ folder, or one step folder. `include_ln_post=False` drops
   the image tower's ln_post (the conditioner does not use it)."""
-  params = _restore_params(_resolve_step_dir(path))
-  missing = [k for k in ("image_tower", "table_tower") if k not in params]
+  step_dir = resolve_step_dir(path)[1]   # one step for both reads, even while the CLIP run is saving
+  have = saved_param_parts(step_dir)
+  missing = [k for k in ("image_tower", "table_tower") if k not in have]
   if missing:
-    raise ValueError(f"{path}: not a CLIP checkpoint (no {missing} in its params; has {sorted(params)})")
+    raise CheckpointError(f"{path}: not a CLIP checkpoint (no {missing} in its params; has {sorted(have)})")
+  params = restore_run_params(step_dir, parts=[k for k in ("image_tower", "table_tower", "logit_scale")
+                                               if k in have]).params
   image = dict(params["image_tower"])
   if not include_ln_post:
     image.pop("ln_post", None)

@@ -134,19 +134,22 @@ class LDMObjective(Objective):
     """`train.init_from` for the LDM: a CLIP run (its towers -> the conditioner), a VAE run (-> the frozen
     VAE), or a whole EHRXDiff checkpoint (an LDM run or `ehrxdiff convert` output: every part, and the
     EMA UNet where it has one)."""
-    from ehrxdiff_jax.train.clip import _replace_part, _resolve_step_dir, _restore_params, clip_init_state
-    saved = _restore_params(_resolve_step_dir(path))
-    if {"image_tower", "table_tower"} & set(saved):
-      return clip_init_state(state, path, part="conditioner")
-    if set(saved) == {"vae"}:
+    from ehrxdiff_jax.train.checkpoint import abstract_params, resolve_step_dir, restore_run_params, saved_param_parts
+    from ehrxdiff_jax.train.clip import _replace_part, clip_init_state, put_params
+    step_dir = resolve_step_dir(path)[1]   # one step for every read below
+    have = saved_param_parts(step_dir)
+    if {"image_tower", "table_tower"} & have:
+      return clip_init_state(state, step_dir, part="conditioner")
+    if have == {"vae"}:
       from ehrxdiff_jax.train.vae import vae_init_state
-      return vae_init_state(state, path)
-    missing = {"unet", "conditioner", "vae"} - set(saved)
+      return vae_init_state(state, step_dir)
+    parts = ("unet", "conditioner", "vae")
+    missing = set(parts) - have
     if missing:
-      raise ValueError(f"{path}: not a CLIP, VAE or EHRXDiff checkpoint (parts {sorted(saved)}; "
+      raise ValueError(f"{path}: not a CLIP, VAE or EHRXDiff checkpoint (parts {sorted(have)}; "
                        f"missing {sorted(missing)})")
-    from ehrxdiff_jax.train.clip import put_params
-    for part in ("unet", "conditioner", "vae"):
+    saved = restore_run_params(step_dir, expected={p: abstract_params(state.params[p]) for p in parts}).params
+    for part in parts:
       state = _replace_part(state, part, lambda tree, p=part: put_params(tree, saved[p], p))
     return state
 

@@ -43,17 +43,38 @@ def merge_params(params: dict, trainable: dict) -> dict:
 # ------------------------------------------------------------------ optimiser
 
 
+SCHEDULES = ("constant", "cosine", "cosine_restarts")
+
+
 def learning_rate_schedule(t) -> optax.Schedule:
-  """Constant or cosine learning rate with a linear warm-up (config `train`)."""
+  """The learning rate per optimisation step from config `train` (the one builder every trainer uses):
+
+  constant         linear warm-up over `warmup_steps`, then `learning_rate`
+  cosine           linear warm-up, then cosine decay to `end_lr` (default 0) at `num_steps`
+  cosine_restarts  cycles of `restart_every` steps, each a linear warm-up over `warmup_steps` and a cosine
+                   decay to `end_lr` over the rest of the cycle (the reference CLIP pretraining:
+                   CosineAnnealingWarmupRestarts(first_cycle_steps=500, warmup_steps=100, cycle_mult=1),
+                   stepped once per optimisation step)
+  """
   lr, warm, total = float(t.learning_rate), int(t.warmup_steps), int(t.num_steps)
+  end = float(t.get("end_lr", 0.0))
   if t.schedule == "constant":
     if warm <= 0:
       return optax.constant_schedule(lr)
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), optax.constant_schedule(lr)], [warm])
   if t.schedule == "cosine":
     return optax.warmup_cosine_decay_schedule(0.0 if warm > 0 else lr, lr, max(warm, 0),
-                                              max(total, warm + 1), end_value=float(t.get("end_lr", 0.0)))
-  raise ValueError(f"unknown train.schedule {t.schedule!r}; expected 'constant' or 'cosine'")
+                                              max(total, warm + 1), end_value=end)
+  if t.schedule == "cosine_restarts":
+    every = int(t.get("restart_every", 0))
+    if every <= max(warm, 0):
+      raise ValueError(f"train.schedule='cosine_restarts' needs train.restart_every (the cycle length in steps, "
+                       f"got {every}) greater than train.warmup_steps ({warm})")
+    cycle = optax.warmup_cosine_decay_schedule(0.0 if warm > 0 else lr, lr, max(warm, 0), every, end_value=end)
+    # The step modulo the cycle rather than optax.sgdr_schedule's finite list of cycles: the cycles go
+    # on past num_steps, so a run resumed with a larger train.num_steps keeps restarting.
+    return lambda step: cycle(jnp.asarray(step) % every)
+  raise ValueError(f"unknown train.schedule {t.schedule!r}; expected one of {SCHEDULES}")
 
 
 def make_optimizer(t, weight_decay_mask: Any = None) -> tuple[optax.GradientTransformation, optax.Schedule]:

@@ -267,26 +267,28 @@ def reconstruction_grid(objective: VAEObjective, vae_params, images, path: str |
 # ------------------------------------------------------------------ using the trained autoencoder
 
 
-def load_vae_params(path: str) -> dict:
+def load_vae_params(path: str, expected=None) -> dict:
   """The autoencoder's params (numpy) from a VAE training run (its workdir, checkpoints/ folder or one
   step folder: params['vae'] of the latest checkpoint) or from a Cheff / LDM / EHRXDiff PyTorch file
-  (.pt/.ckpt/.safetensors; `first_stage_model.` prefix detected)."""
+  (.pt/.ckpt/.safetensors, read by interop.common.load_state_dict: `torch.load(weights_only=True)`;
+  `first_stage_model.` prefix detected; `loss.*` ignored). `expected` (a tree of ShapeDtypeStruct, e.g. the
+  model's) makes any missing, extra or mis-shaped parameter an error naming it."""
   if os.path.isfile(path):
     from ehrxdiff_jax.interop.common import load_state_dict
     from ehrxdiff_jax.interop.vae import convert_ldm_vae
     sd = load_state_dict(path)
     prefix = "first_stage_model." if any(k.startswith("first_stage_model.") for k in sd) else ""
-    return convert_ldm_vae(sd, prefix)
-  from ehrxdiff_jax.train.clip import _resolve_step_dir, _restore_params
-  params = _restore_params(_resolve_step_dir(path))
-  if "vae" not in params:
-    raise ValueError(f"{path}: no 'vae' in the checkpoint's params (has {sorted(params)})")
-  return params["vae"]
+    return convert_ldm_vae(sd, prefix, expected=expected)
+  from ehrxdiff_jax.train.checkpoint import restore_run_params
+  run = restore_run_params(path, parts=("vae",), expected=None if expected is None else {"vae": expected})
+  return run.params["vae"]
 
 
 def vae_init_state(state, path: str, part: str = "vae"):
   """A fresh TrainState whose params[part] takes the autoencoder of `path` (a VAE run or a Cheff / LDM
-  file; see load_vae_params): the LDM's `train.vae_from` and the VAE objective's `train.init_from`."""
+  file; see load_vae_params), which must hold every parameter of the model with its shape: the LDM's
+  `train.vae_from` and the VAE objective's `train.init_from`."""
+  from ehrxdiff_jax.train.checkpoint import abstract_params
   from ehrxdiff_jax.train.clip import _replace_part, put_params
-  weights = load_vae_params(path)
+  weights = load_vae_params(path, expected=abstract_params(state.params[part]))
   return _replace_part(state, part, lambda tree: put_params(tree, weights, part))
