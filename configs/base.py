@@ -55,6 +55,9 @@ def get_config() -> ml_collections.ConfigDict:
   ))
   m.table_tower = ml_collections.ConfigDict(dict(
       event_dim=1536, heads=24, ff_dim=6144, layers=2, dropout=0.1, out_dim=768,
+      # torch's TransformerEncoderLayer also drops attention probabilities at `dropout`; a separate knob
+      # because that site forces the non-fused attention path (nn/table.py): 0 keeps cuDNN attention.
+      attention_dropout=0.1,
   ))
   m.conditioner = ml_collections.ConfigDict(dict(
       # Which condition streams enter the cross-attention context (paper Table 4 ablation rows):

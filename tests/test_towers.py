@@ -310,10 +310,10 @@ def test_table_tower_attention_dropout():
   mask = jnp.asarray(valid)
   tab = {**TAB, "layers": 1}
 
-  def apply(params, rate, train):
+  def apply(params, rate, attention_rate, train):
     # capture_intermediates: layer_0's attention sees the same input in train and eval, so its output
     # differs exactly when attention probabilities are dropped.
-    out, inter = TableTower(**tab, dropout=rate).apply(
+    out, inter = TableTower(**tab, dropout=rate, attention_dropout=attention_rate).apply(
         {"params": params}, events, mask, not train, rngs={"dropout": jax.random.key(1)} if train else {},
         capture_intermediates=True, mutable=["intermediates"])
     return out, inter["intermediates"]["layer_0"]["self_attn"]["__call__"][0]
@@ -321,13 +321,18 @@ def test_table_tower_attention_dropout():
   @jax.jit
   def run():
     params = TableTower(**tab).init(jax.random.key(0), events, mask)["params"]
-    return [apply(params, rate, train) for rate, train in ((0.1, False), (0.1, True), (0.0, True))]
+    return [apply(params, *case) for case in ((0.1, 0.1, False), (0.1, 0.1, True), (0.0, 0.0, True),
+                                              (0.1, 0.0, True))]
 
-  (out_eval, attn_eval), (out_train, attn_train), (out_zero, attn_zero) = jax.tree.map(np.asarray, run())
+  ((out_eval, attn_eval), (out_train, attn_train), (out_zero, attn_zero),
+   (out_no_attn, attn_no_attn)) = jax.tree.map(np.asarray, run())
   np.testing.assert_array_equal(out_zero, out_eval)
   np.testing.assert_array_equal(attn_zero, attn_eval)
   assert not np.allclose(attn_train, attn_eval, atol=1e-3)
   assert not np.allclose(out_train, out_eval, atol=1e-3)
+  # attention_dropout=0 keeps the attention site exact while the other dropout sites still act.
+  np.testing.assert_allclose(attn_no_attn, attn_eval, rtol=1e-6, atol=1e-6)
+  assert not np.allclose(out_no_attn, out_eval, atol=1e-3)
 
 
 def test_remat_block_same_shapes(tiny_config):

@@ -7,8 +7,11 @@ token (the reference's `TabTransformerEmbedder.fc`). There is NO positional enco
 set (their order only matters through the padding mask).
 
 Per layer:  x = norm1(x + dropout(self_attn(x)));  x = norm2(x + dropout(linear2(dropout(relu(linear1(x)))))),
-and self_attn drops attention probabilities too, every site at the one rate `dropout` as torch. Dropout is
-active when `deterministic=False` and then needs a 'dropout' rng.
+and self_attn drops attention probabilities too: torch uses the one rate `dropout` at every site; here the
+attention-probability site has its own field `attention_dropout` (default = torch's 0.1) because it is the
+one that costs memory: dropping probabilities needs the XLA attention path, which materialises the
+[B, heads, L, L] probabilities (24 x 1024^2 per sample at paper scale) where the fused kernel does not.
+Dropout is active when `deterministic=False` and then needs a 'dropout' rng.
 
 `project=False` leaves out `fc` and returns the encoder output (the table-classifier baselines,
 train/classifier.py, use the encoder alone).
@@ -34,6 +37,7 @@ class EncoderLayer(nn.Module):
   heads: int
   ff_dim: int
   dropout: float = 0.1
+  attention_dropout: float = 0.1
   dtype: Any = jnp.float32
   attention: str = "auto"
 
@@ -41,7 +45,7 @@ class EncoderLayer(nn.Module):
   def __call__(self, x, key_mask, deterministic: bool = True):
     drop = lambda name: nn.Dropout(self.dropout, deterministic=deterministic, name=name)  # noqa: E731
     h = MultiHeadAttention(num_heads=self.heads, head_dim=self.d_model // self.heads, out_features=self.d_model,
-                           dtype=self.dtype, implementation=self.attention, dropout=self.dropout,
+                           dtype=self.dtype, implementation=self.attention, dropout=self.attention_dropout,
                            name="self_attn")(x, key_mask=key_mask, deterministic=deterministic)
     x = LayerNorm(LN_EPS, dtype=self.dtype, name="norm1")(x + drop("dropout1")(h))
     h = Dense(self.ff_dim, ("embed", "mlp"), dtype=self.dtype, name="linear1")(x)
@@ -57,6 +61,7 @@ class TableTower(nn.Module):
   ff_dim: int = 6144
   layers: int = 2
   dropout: float = 0.1
+  attention_dropout: float = 0.1
   out_dim: int = 768
   dtype: Any = jnp.float32
   attention: str = "auto"
@@ -77,8 +82,8 @@ class TableTower(nn.Module):
     x = events.astype(dtype)
     layer = maybe_remat(EncoderLayer, self.remat, static_argnums=(3,))  # (self, x, key_mask, deterministic)
     for i in range(self.layers):
-      x = layer(self.event_dim, self.heads, self.ff_dim, self.dropout, dtype=dtype, attention=self.attention,
-                name=f"layer_{i}")(x, event_mask, deterministic)
+      x = layer(self.event_dim, self.heads, self.ff_dim, self.dropout, self.attention_dropout, dtype=dtype,
+                attention=self.attention, name=f"layer_{i}")(x, event_mask, deterministic)
     if not self.project:
       return x
     return Dense(self.out_dim, ("embed", None), dtype=dtype, name="fc")(x)

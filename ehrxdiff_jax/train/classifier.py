@@ -61,6 +61,7 @@ class TableClassifier(nn.Module):
   ff_dim: int = 6144
   layers: int = 2
   dropout: float = 0.1
+  attention_dropout: float = 0.1
   num_labels: int = 10
   prev_label: bool = False
   prev_average: str = "positives"
@@ -89,8 +90,8 @@ class TableClassifier(nn.Module):
                               (self.num_labels, self.event_dim), jnp.float32)
     x, mask = self.tokens(events, event_mask, prev_labels, label_embs)
     h = TableTower(event_dim=self.event_dim, heads=self.heads, ff_dim=self.ff_dim, layers=self.layers,
-                   dropout=self.dropout, project=False, dtype=self.dtype, attention=self.attention, remat=self.remat,
-                   name="table_tower")(x, mask, deterministic)
+                   dropout=self.dropout, attention_dropout=self.attention_dropout, project=False, dtype=self.dtype,
+                   attention=self.attention, remat=self.remat, name="table_tower")(x, mask, deterministic)
     pooled = pool_tokens(h, mask, self.pool)
     return Dense(self.num_labels, ("embed", None), dtype=as_dtype(self.dtype), name="head")(pooled).astype(jnp.float32)
 
@@ -115,6 +116,7 @@ class TableClassifierObjective(Objective):
     self.num_labels = int(t.get("num_labels", 10))
     self.model = TableClassifier(
         event_dim=tt.event_dim, heads=tt.heads, ff_dim=tt.ff_dim, layers=tt.layers, dropout=tt.dropout,
+        attention_dropout=tt.attention_dropout,
         num_labels=self.num_labels, prev_label=bool(t.get("classifier_prev_label", False)),
         prev_average=str(t.get("classifier_prev_average", "positives")),
         pool=str(t.get("classifier_pool", "mean")), dtype=compute_dtype(cfg.model.dtype),
