@@ -230,3 +230,23 @@ def test_restore_checks_shapes_against_the_config(setup, converted):
     load_checkpoint_params(os.path.join(converted, "checkpoints", "0"), cfg, dev, True)
   with pytest.raises(FileNotFoundError, match="no config.json"):
     read_saved_config(os.path.join(converted, "checkpoints"))
+
+
+def test_ldm_init_from_a_converted_checkpoint_keeps_its_ema_unet(converted):
+  """`train.init_from` an EHRXDiff checkpoint: every part from its weights, the EMA UNet from its EMA."""
+  import jax
+
+  from ehrxdiff_jax import parallel
+  from ehrxdiff_jax.config_util import read_saved_config
+  from ehrxdiff_jax.train import make_objective
+  from ehrxdiff_jax.train.checkpoint import restore_run_params
+  from ehrxdiff_jax.train.loop import Trainer
+  cfg = read_saved_config(converted)
+  cfg.train.batch_size, cfg.mesh.shape.data = 1, 1
+  trainer = Trainer(cfg, make_objective(cfg), parallel.make_mesh(cfg, jax.devices()[:1]))
+  state = jax.device_get(trainer.objective.init_from(trainer.init_state(), converted, trainer))
+  saved = restore_run_params(converted, ema=True)
+  for part in ("unet", "conditioner", "vae"):
+    jax.tree.map(np.testing.assert_array_equal, state.params[part], saved.params[part])
+  jax.tree.map(np.testing.assert_array_equal, state.ema_params["unet"], saved.ema_params["unet"])
+  assert not np.array_equal(state.ema_params["unet"]["conv_in"]["kernel"], state.params["unet"]["conv_in"]["kernel"])

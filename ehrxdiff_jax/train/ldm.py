@@ -148,10 +148,15 @@ class LDMObjective(Objective):
     if missing:
       raise ValueError(f"{path}: not a CLIP, VAE or EHRXDiff checkpoint (parts {sorted(have)}; "
                        f"missing {sorted(missing)})")
-    saved = restore_run_params(step_dir, expected={p: abstract_params(state.params[p]) for p in parts}).params
+    saved = restore_run_params(step_dir, expected={p: abstract_params(state.params[p]) for p in parts}, ema=True)
     for part in parts:
-      state = _replace_part(state, part, lambda tree, p=part: put_params(tree, saved[p], p))
-    return state
+      state = _replace_part(state, part, lambda tree, p=part: put_params(tree, saved.params[p], p))
+    # The EMA copies (the UNet's) continue from the saved EMA where the checkpoint has one, not from the raw weights.
+    ema = dict(state.ema_params or {})
+    for part, tree in saved.ema_params.items():
+      if part in ema:
+        ema[part] = put_params(ema[part], tree, f"ema_params/{part}")
+    return state.replace(ema_params=ema)
 
 
 def make_objective(cfg) -> LDMObjective:
