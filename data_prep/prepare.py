@@ -3,9 +3,12 @@
     ehrxdiff prepare --mimic-iv DIR --mimic-cxr DIR --out DIR [--image-size 256] [--event-dim 1536]
         [--max-events 1024] [--embedder hashing|local:PATH|precomputed:FILE] [--split-file F]
         [--labels chexpert,imagenome] [--workers N] [--overwrite]
+        [--vae-checkpoint PATH [--vae-config FILE] [--latents-batch N]]
 
 Steps: cohort (data_prep/cohort.py) -> streamed events (events.py) -> embeddings (embed.py) -> images
-(images.py) -> patient-disjoint splits -> labels -> shards + manifest (write.py). The output directory:
+(images.py) -> patient-disjoint splits -> labels -> [cached VAE latents (latents.py)] -> shards + manifest
+(write.py). Each record's JSON meta carries the demographics `age` (years at admission), `sex` ('F' | 'M')
+and `race` (admissions.race) where known, for the evaluation only (never logged). The output directory:
 
     manifest.json              schema version, counts, options, input fingerprints, drop counters, tables
     dataset_info.json, features.json   TFDS metadata (tfds.builder_from_directory / tfds.data_source)
@@ -29,6 +32,7 @@ from data_prep import cohort as cohort_lib
 from data_prep import embed as embed_lib
 from data_prep import events as events_lib
 from data_prep import images as images_lib
+from data_prep import latents as latents_lib
 from data_prep import write as write_lib
 from data_prep.tables import Counters, find_file, fingerprint, read_table
 from ehrxdiff_jax import records as rec
@@ -78,6 +82,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
   p.add_argument("--cache-dir", default=None, help="embedding and image cache (default: OUT.cache)")
   p.add_argument("--overwrite", action="store_true")
+  p.add_argument("--vae-checkpoint", default=None,
+                 help="store cached VAE latents (target_moments, prev_mean, prev_logvar) encoded by this VAE: a "
+                      "VAE run, an EHRXDiff LDM run, or a Cheff / LDM autoencoder .pt/.ckpt/.safetensors")
+  p.add_argument("--vae-config", default=None,
+                 help="config file of that VAE's architecture (default: the run's config.json, else the "
+                      "paper's configs/base.py); its data.image_size must equal --image-size")
+  p.add_argument("--latents-batch", type=int, default=32, help="images per jitted VAE encode")
 
 
 # ----------------------------------------------------------------------------- splits
@@ -175,8 +186,23 @@ def table5(pairs: pd.DataFrame) -> pd.DataFrame:
 
 
 # ----------------------------------------------------------------------------- records
+def demographics(r) -> dict:
+  """`age` (float years at admission), `sex` ('F' | 'M', from patients.gender) and `race` (admissions.race)
+  of a pair row; a value that is unknown is left out (readers treat a missing key as unknown)."""
+  out = {}
+  if pd.notna(r["age"]):
+    out["age"] = float(r["age"])
+  sex = str(r["gender"]).strip().upper() if pd.notna(r["gender"]) else ""
+  if sex in ("F", "M"):
+    out["sex"] = sex
+  if pd.notna(r["race"]) and str(r["race"]).strip():
+    out["race"] = str(r["race"])
+  return out
+
+
 def _sample_records(sub: pd.DataFrame, ids: list, vectors: np.ndarray, image_files: dict, labels: dict,
-                    sel: np.ndarray, args) -> "iter":
+                    sel: np.ndarray, args, latents=None) -> "iter":
+  """Serialized records of the pairs `sub`; `latents`: (moments, dicom -> row) of `latents_lib.cache_latents`."""
   from PIL import Image
   for j, (_, r) in zip(sel, sub.iterrows()):
     arrays = {}
@@ -194,9 +220,13 @@ def _sample_records(sub: pd.DataFrame, ids: list, vectors: np.ndarray, image_fil
     for s, (prev, trg) in labels.items():
       arrays[f"prev_labels_{s}"] = prev[j]
       arrays[f"target_labels_{s}"] = trg[j]
+    if latents is not None:
+      moments, row = latents
+      arrays.update(latents_lib.record_arrays(moments, row[r["prev_dicom"]], row[r["trg_dicom"]]))
     meta = dict(key=r["key"], subject_id=int(r["subject_id"]), hadm_id=int(r["hadm_id"]),
                 prev_dicom=r["prev_dicom"], trg_dicom=r["trg_dicom"], prev_study=int(r["prev_study"]),
-                trg_study=int(r["trg_study"]), interval_h=float(r["interval_h"]), n_events_total=int(r["n_events_total"]))
+                trg_study=int(r["trg_study"]), interval_h=float(r["interval_h"]), n_events_total=int(r["n_events_total"]),
+                **demographics(r))
     codecs = {"events": args.event_codec, "prev_image": args.image_codec, "target_image": args.image_codec}
     yield rec.encode_record(meta, arrays, codecs)
 
@@ -217,6 +247,16 @@ def run(args) -> int:
     return 2
   counters = Counters()
   cache_dir = args.cache_dir or out + ".cache"
+  # The VAE is loaded and checked first: a wrong checkpoint or image size fails before the long streaming.
+  encoder = None
+  if args.vae_checkpoint:
+    try:
+      encoder = latents_lib.VAEEncoder(args.vae_checkpoint, args.image_size, args.vae_config)
+    except (ValueError, FileNotFoundError) as e:
+      print(f"error: --vae-checkpoint: {e}", file=sys.stderr)
+      return 2
+    _log(f"VAE {encoder.info['source']} (step {encoder.info['step']}, {encoder.info['config']}): "
+         f"latents {encoder.latent_shape}")
 
   # 1. cohort
   inputs = {}
@@ -283,7 +323,13 @@ def run(args) -> int:
   vectors = embed_lib.embed_texts([texts[i] for i in used], embedder, os.path.join(cache_dir, "embeddings"))
   _log(f"embeddings: {len(used)} distinct texts with {embedder.name} in {time.time() - t0:.1f}s")
 
-  # 6. write
+  # 6. cached VAE latents of every image used (each distinct image encoded once)
+  latents = None
+  if encoder is not None:
+    latents = latents_lib.cache_latents(encoder, image_files, pd.concat([pairs["prev_dicom"], pairs["trg_dicom"]]),
+                                        os.path.join(cache_dir, "latents"), args.latents_batch, _log)
+
+  # 7. write
   t1, t5 = table1(pairs), table5(pairs)
   print("Table 1 (this dataset):\n" + t1.to_string(index=False))
   print("Table 5 (events per sample, before truncation to max_events):\n" + t5.to_string(index=False))
@@ -294,7 +340,7 @@ def run(args) -> int:
     for split in sorted(pairs["split"].unique()):
       sel = np.flatnonzero((pairs["split"] == split).to_numpy())
       sub = pairs.iloc[sel]
-      shards = write_lib.write_shards(tmp, split, _sample_records(sub, ids, vectors, image_files, labels, sel, args),
+      shards = write_lib.write_shards(tmp, split, _sample_records(sub, ids, vectors, image_files, labels, sel, args, latents),
                                       len(sel), args.records_per_shard, options)
       splits_info[split] = dict(samples=len(sel), shards=shards,
                                 distinct_targets=int(sub["trg_dicom"].nunique()),
@@ -319,6 +365,8 @@ def run(args) -> int:
         embedder=embedder.name, window_hours=window, min_age=min_age, inputs=inputs,
         counters=dict(sorted(counters.items())), table1=t1.to_dict(orient="records"),
         table5=t5.to_dict(orient="records"), seconds=round(time.time() - t_start, 1))
+    if encoder is not None:
+      manifest["latents"] = encoder.info
     write_lib.write_json(os.path.join(tmp, rec.MANIFEST), manifest)
   print("Counters (dropped / malformed / attached):")
   for k, v in sorted(counters.items()):

@@ -7,6 +7,9 @@ chartevents), the clinicians react to them (antibiotics, furosemide, fluid bolus
 thoracentesis, chest tube, in prescriptions / inputevents / procedureevents) and the reactions act
 back on the state. Chest X-ray studies are drawn at realistic times; the state at the study time
 decides the picture (`synthetic_images`), the CheXpert labels and the Chest ImaGenome labels.
+Demographics vary (gender, anchor_age, MIMIC race strings) and leave a weak, learnable trace in the
+pictures, as in real radiographs: a wider thorax and thinner soft tissue for men, breast shadows for
+women, lower bone contrast with age (`synthetic_images.random_anatomy`).
 Nothing here refers to real people: all identifiers are random.
 """
 from __future__ import annotations
@@ -72,16 +75,22 @@ class _Sim:
 
 
 # ---------------------------------------------------------------------------- patients / stays
+# admissions.race values as spelled in MIMIC-IV 2.2, with rough relative frequencies.
+RACES = (('WHITE', 0.55), ('BLACK/AFRICAN AMERICAN', 0.14), ('WHITE - OTHER EUROPEAN', 0.04),
+         ('HISPANIC/LATINO - PUERTO RICAN', 0.04), ('HISPANIC OR LATINO', 0.03), ('ASIAN - CHINESE', 0.03),
+         ('ASIAN', 0.03), ('OTHER', 0.06), ('UNKNOWN', 0.06), ('UNABLE TO OBTAIN', 0.02))
+
+
 def _patient(sim: _Sim, subject_id: int, minor: bool):
   rng = sim.rng
   age = int(rng.integers(15, 18)) if minor else int(_clip(rng.normal(64, 15), 19, 91))
   anchor_year = int(rng.integers(2110, 2185))
-  p = dict(subject_id=subject_id, age=age, anchor_year=anchor_year,
+  sex = str(rng.choice(['F', 'M']))
+  race = RACES[int(rng.choice(len(RACES), p=[w / sum(w for _, w in RACES) for _, w in RACES]))][0]
+  p = dict(subject_id=subject_id, age=age, anchor_year=anchor_year, sex=sex, race=race,
            heart_base=float(_clip(rng.normal(0.3, 0.14) + 0.1 * (age > 72), 0.05, 0.9)),
-           anat=simg.random_anatomy(rng), widening=float(rng.random() < 0.04),
-           weight=round(float(rng.normal(80, 15)), 1), race=str(rng.choice(
-               ['WHITE', 'WHITE', 'WHITE', 'BLACK/AFRICAN AMERICAN', 'HISPANIC/LATINO - PUERTO RICAN',
-                'ASIAN', 'OTHER', 'UNKNOWN'])))
+           anat=simg.random_anatomy(rng, sex=sex, age=age), widening=float(rng.random() < 0.04),
+           weight=round(float(rng.normal(86 if sex == 'M' else 72, 14)), 1))
   p['chf'] = p['heart_base'] > 0.45
   t = ((anchor_year - 2100) * 365.25 + rng.uniform(0, 300 if minor else 700)) * 86400
   died = None
@@ -104,7 +113,7 @@ def _patient(sim: _Sim, subject_id: int, minor: bool):
     add_labs(sim, p, None, int(ts + rng.uniform(8, 16) * HOUR), ['chem'], st, blank_hadm=True)
   dod = '' if died is None and rng.random() > 0.1 else fmt_date(died or t + rng.uniform(30, 900) * 86400)[:10]
   group = ['2008 - 2010', '2011 - 2013', '2014 - 2016', '2017 - 2019', '2020 - 2022'][int(rng.integers(5))]
-  sim.add('hosp/patients', subject_id=subject_id, gender=str(rng.choice(['F', 'M'])), anchor_age=age,
+  sim.add('hosp/patients', subject_id=subject_id, gender=sex, anchor_age=age,
           anchor_year=anchor_year, anchor_year_group=group, dod=dod)
 
 

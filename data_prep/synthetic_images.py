@@ -29,10 +29,16 @@ def _lowfreq(rng, cells=8, size=_RES):
   return np.clip(big, -1.5, 1.5) / 1.5
 
 
-def random_anatomy(rng) -> dict:
-  """Per-patient constants of the drawing."""
+def random_anatomy(rng, sex: str, age: float) -> dict:
+  """Per-patient constants of the drawing. Demographics shift a few of them (a weak signal, smaller than
+  the spread between patients, that an image classifier can learn): men get a wider body and lungs,
+  women breast shadows (soft tissue over the lower lateral lung fields); bone contrast (ribs,
+  clavicles, spine) falls with age."""
+  male = sex == 'M'
   return dict(
-      body_w=float(rng.uniform(0.82, 0.95)), lung_rx=float(rng.uniform(0.25, 0.31)),
+      body_w=float(rng.uniform(0.80, 0.89) + 0.045 * male), lung_rx=float(rng.uniform(0.25, 0.30) + 0.015 * male),
+      breast=0.0 if male else float(rng.uniform(0.05, 0.1)),
+      bone=float(np.clip(1.3 - 0.008 * (age - 20) + rng.normal(0, 0.08), 0.6, 1.5)),
       lung_ry=float(rng.uniform(0.56, 0.64)), lung_cy=float(rng.uniform(-0.12, -0.02)),
       lung_gap=float(rng.uniform(0.07, 0.11)), heart_cx=float(rng.uniform(0.05, 0.12)),
       heart_cy=float(rng.uniform(0.2, 0.27)), rib_spacing=float(rng.uniform(0.11, 0.14)),
@@ -118,9 +124,12 @@ def _frontal(a, s, x, y, rng, ap):
   # ribs: curved periodic bands inside the thorax
   phase = (y - a['rib_curve'] * np.abs(x) + 0.3 * x ** 2) / a['rib_spacing'] + a['rib_phase']
   ribs = _sig((0.22 - np.abs(phase - np.round(phase))) / 0.04) * _sig((0.85 - np.abs(x)) / 0.05)
-  dens = dens + 0.055 * ribs * np.clip(lung_ext, 0, 1) * _sig((0.55 - y) / 0.05)
+  dens = dens + 0.055 * a['bone'] * ribs * np.clip(lung_ext, 0, 1) * _sig((0.55 - y) / 0.05)
   clav = np.exp(-((y - (-0.62 + 0.12 * np.abs(x))) / 0.025) ** 2) * _sig((0.6 - np.abs(x)) / 0.04)
-  dens = dens + 0.12 * clav
+  dens = dens + 0.12 * a['bone'] * clav
+  if a['breast'] > 0:  # soft-tissue shadows over the lower lateral lung fields
+    for side in (-1, 1):
+      dens = dens + a['breast'] * body * _sig((1 - ((x - side * 0.42) / 0.3) ** 2 - ((y - 0.4) / 0.22) ** 2) / 0.15)
   # mediastinum, heart (size from the state), spine
   med = _sig((a['med_w'] * (1 + 0.6 * s.get('widening', 0)) - np.abs(x - 0.01)) / 0.015) * _sig((0.55 - y) / 0.03)
   hrx = (0.22 + 0.2 * s['heart']) * mag
@@ -129,7 +138,7 @@ def _frontal(a, s, x, y, rng, ap):
   dens = np.maximum(dens, (a['tissue'] + 0.1) * np.maximum(med, heart) * body)
   spine = _sig((0.055 - np.abs(x)) / 0.01)
   vert = 0.5 + 0.5 * np.cos(2 * np.pi * (y / 0.085))
-  dens = dens + (0.08 + 0.04 * vert) * spine * body
+  dens = dens + (0.08 + 0.04 * vert) * a['bone'] * spine * body
   if a['nodule'] is not None:
     nx, ny = a['nodule']
     dens = dens + 0.18 * _sig((0.035 - np.hypot(x - nx, y - ny)) / 0.006) * lungs
@@ -172,9 +181,9 @@ def _lateral(a, s, x, y, rng):
   spine_x = 0.55 + 0.08 * y
   vert = _sig((0.3 - np.abs((y / 0.1) - np.round(y / 0.1))) / 0.05)
   spine = _sig((0.1 - np.abs(x - spine_x)) / 0.01) * (0.6 + 0.4 * vert)
-  dens = dens + 0.2 * spine * body
+  dens = dens + 0.2 * a['bone'] * spine * body
   sternum = _sig((0.025 - np.abs(x + 0.68 + 0.05 * y)) / 0.008) * _sig((0.45 - np.abs(y + 0.1)) / 0.03)
-  dens = dens + 0.15 * sternum
+  dens = dens + 0.15 * a['bone'] * sternum
   arms = _sig((0.12 - np.abs(y + 0.75)) / 0.05) * body
   dens = dens + 0.06 * arms
   if s['devices']:

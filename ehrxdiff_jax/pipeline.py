@@ -25,10 +25,12 @@ centre (W/2, H/2), nearest neighbour, fill 0 = black, which is -1 after scaling 
 parameters come from `np.random.default_rng([seed, epoch, sample, 1])`, so a sample is augmented the
 same way on a resumed run and differently in every epoch.
 
-Cached latents (config_data.cached_latents): the records must carry `target_moments` and `prev_mean`;
-they are returned in the batch as float32. A cached target latent was computed from the un-augmented
-target, so it cannot be augmented: requesting both cached_latents and augment_target (or w_null, whose
-null target would need the moments of I_prev) raises ValueError.
+Cached latents (config_data.cached_latents; `ehrxdiff prepare --vae-checkpoint`): the records carry
+`target_moments` and `prev_mean` (and `prev_logvar`); they are returned in the batch as float32. They were
+computed from the un-augmented images, so they cannot be augmented: cached_latents with augment_target
+raises ValueError (EHRXDiff_w_null from cached latents: --config.data.augment_target=False, a deviation
+from the reference; or train from images). A w_null sample's target is I_prev, so its `target_moments`
+are the cached moments of I_prev: [prev_mean, prev_logvar].
 
 Batch size in memory: `events` dominates (float32 [B, 1024, 1536] is 6.3 MB per sample, 805 MB for a
 local batch of 128); config_data.events_dtype='float16' halves it (the records hold float16 anyway,
@@ -46,6 +48,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ehrxdiff_jax import records as rec
+from ehrxdiff_jax.evaluate import demographics
 
 
 # ----------------------------------------------------------------------------- dataset files
@@ -230,13 +233,16 @@ class _Maker:
     out = dict(prev_image=_resize(prev, self.image_size), target_image=_resize(trg, self.image_size),
                events=ev, prev_labels=self._labels(r, "prev"),
                target_labels=self._labels(r, "prev" if is_null else "target"), is_null=np.bool_(is_null),
-               key=np.bytes_(("null_" if is_null else "") + r["meta"]["key"]))
+               key=np.bytes_(("null_" if is_null else "") + r["meta"]["key"]),
+               **demographics.encode_meta(r["meta"]))  # age, sex, race: the demographic classifier's labels
     if self.cached_latents:
-      for k in ("target_moments", "prev_mean"):
+      for k in ("target_moments", "prev_mean") + (("prev_logvar",) if is_null else ()):
         if k not in r:
-          raise ValueError(f"{self.data_dir}: records have no {k!r}; prepare with cached latents or set "
+          raise ValueError(f"{self.data_dir}: records have no {k!r}; prepare with --vae-checkpoint or set "
                            "data.cached_latents=False")
-        out[k] = np.asarray(r[k], np.float32)
+      out["prev_mean"] = np.asarray(r["prev_mean"], np.float32)
+      out["target_moments"] = np.asarray(np.concatenate([r["prev_mean"], r["prev_logvar"]], axis=-1)
+                                         if is_null else r["target_moments"], np.float32)
     return out
 
 
@@ -296,10 +302,9 @@ def make_loader(data_dir: str, split: str, *, global_batch_size: int, config_dat
   w_null = bool(_cfg(config_data, "w_null", False))
   augment = bool(_cfg(config_data, "augment_target", False))
   cached = bool(_cfg(config_data, "cached_latents", False))
-  if cached and (augment or w_null):
-    raise ValueError("cached latents cannot be combined with augment_target or w_null: the stored VAE "
-                     "moments belong to the un-augmented target (and null samples would need the moments "
-                     "of I_prev); use image inputs for EHRXDiff_w_null")
+  if cached and augment:
+    raise ValueError("cached latents cannot be combined with augment_target: the stored VAE moments belong "
+                     "to the un-augmented target; set data.augment_target=False or data.cached_latents=False")
   label_set = _cfg(config_data, "labels", None)
   sets = man.get("label_sets", [])
   if label_set is None:

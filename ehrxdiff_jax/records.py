@@ -11,7 +11,8 @@ Payload (never pickle; little-endian):
 
     b'EHRX' | uint32 SCHEMA_VERSION | uint32 header_len | header (UTF-8 JSON) | blob_0 | blob_1 | ...
 
-The JSON header holds `meta` (scalars: key, subject_id, hadm_id, study and dicom ids, interval_h, ...)
+The JSON header holds `meta` (scalars: key, subject_id, hadm_id, study and dicom ids, interval_h, and where known
+the demographics age (float years), sex (F | M), race; a missing key means unknown)
 and `arrays`, a list of {name, dtype, shape, codec, nbytes} describing the blobs in order.
 Codecs: 'raw' (C-order bytes of dtype/shape), 'png' (8-bit grey PNG; decodes to uint8 [H, W]),
 'zlib' (zlib-compressed raw bytes).
@@ -33,6 +34,7 @@ Array fields:
                                                for <set> in ('chexpert', 'imagenome')
     target_moments             float16 [h, w, 2z] optional cached VAE moments of I_trg
     prev_mean                  float16 [h, w, z]  optional cached VAE mean of I_prev
+    prev_logvar                float16 [h, w, z]  optional cached VAE logvar of I_prev (w_null targets)
 """
 from __future__ import annotations
 

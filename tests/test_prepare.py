@@ -243,6 +243,8 @@ def test_prepare_end_to_end_handmade(db, tmp_path):
   assert r["prev_image"].shape == (32, 32) and r["prev_image"].dtype == np.uint8
   assert r["events"].dtype == np.float16 and r["events"].shape[1] == 16
   assert r["prev_labels_imagenome"].shape == (10,) and r["target_labels_chexpert"].shape == (14,)
+  # demographics in the meta: (2150 - 2150) + 60 years, patients.gender, admissions.race
+  assert {k: r["meta"][k] for k in ("age", "sex", "race")} == dict(age=60.0, sex="F", race="WHITE")
   # overwrite refusal, then --overwrite replaces atomically
   assert run_prepare(iv, cxr, out) == 2
   assert run_prepare(iv, cxr, out, "--overwrite", "--split-fractions", "1,0,0") == 0
@@ -282,6 +284,16 @@ def test_demo_database_end_to_end(tmp_path):
   # patient-disjoint splits
   subjects = [set(pipeline.read_index(out, s)["subject_id"]) for s in man["splits"]]
   assert sum(len(x) for x in subjects) == len(set().union(*subjects))
+  # every record's demographics against the source tables (age at admission as in mimic-schema.md)
+  iv = os.path.join(root, "mimic-iv", "hosp")
+  pat = pd.read_csv(os.path.join(iv, "patients.csv.gz")).set_index("subject_id")
+  adm = pd.read_csv(os.path.join(iv, "admissions.csv.gz"), parse_dates=["admittime"]).set_index("hadm_id")
+  src = pipeline.data_source(out, split)
+  for i in range(len(src)):
+    m = src[i]["meta"]
+    p, a = pat.loc[m["subject_id"]], adm.loc[m["hadm_id"]]
+    assert m["age"] == float(a.admittime.year - p.anchor_year + p.anchor_age)
+    assert m["sex"] == p.gender and m["race"] == a.race
 
 
 def test_split_file(db, tmp_path):
@@ -310,3 +322,10 @@ def test_embedders_and_cache(tmp_path):
   assert embed.embed_texts(texts, p)[1, 1] == 1
   with pytest.raises(KeyError, match="no vector"):
     embed.embed_texts(["unknown"], p)
+
+
+def test_unknown_demographics_are_left_out():
+  row = pd.Series(dict(age=np.nan, gender="", race=np.nan))
+  assert prepare.demographics(row) == {}
+  row = pd.Series(dict(age=71, gender="m", race="ASIAN - CHINESE"))
+  assert prepare.demographics(row) == dict(age=71.0, sex="M", race="ASIAN - CHINESE")

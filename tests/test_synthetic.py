@@ -222,3 +222,39 @@ def test_labels_follow_the_state_and_the_pictures(demo):
     diffs.append(base[1] - base[0])
   assert len(diffs) >= 1
   assert np.mean(diffs) > 8 and np.mean(np.array(diffs) > 0) >= 0.7, diffs
+
+
+def _thorax_width(img: np.ndarray) -> int:
+  """Columns between the outer edges of the body (soft tissue is bright, the background dark) at mid-chest."""
+  cols = np.flatnonzero(img[120:140].mean(0) > 70)
+  return int(cols[-1] - cols[0])
+
+
+def test_demographics_vary_and_the_images_carry_them(demo):
+  root, _ = demo
+  pat = _iv(root, "hosp/patients")
+  adm = _iv(root, "hosp/admissions")
+  assert set(pat.gender) == {"F", "M"} and pat.anchor_age.nunique() > 3
+  assert set(adm.race) <= {r for r, _ in synthetic.RACES} and adm.race.nunique() >= 3
+  # thorax width by sex on the frontal images (a per-patient anatomy trait)
+  meta = _frontal(root)
+  meta = meta[meta.ViewPosition.isin(["PA", "AP"])].merge(pat[["subject_id", "gender"]], on="subject_id")
+  widths = {"F": [], "M": []}
+  for r in meta.itertuples():
+    sub = str(r.subject_id)
+    im = np.asarray(Image.open(os.path.join(root, "mimic-cxr", "files", "p" + sub[:2], "p" + sub,
+                                            f"s{r.study_id}", r.dicom_id + ".jpg")))
+    widths[r.gender].append(_thorax_width(im))
+  assert np.mean(widths["M"]) > np.mean(widths["F"]) + 4, {k: np.mean(v) for k, v in widths.items()}
+
+
+def test_bone_contrast_falls_with_age():
+  from data_prep import synthetic_images as simg
+  state = dict(effusion=0.0, opacity=0.0, edema=0.0, heart=0.3, ptx=0.0, devices=False)
+  diffs = []
+  for k in range(4):  # the same patient and exposure at 25 and at 85 years
+    young, old = (simg.render(simg.random_anatomy(np.random.default_rng(k), "F", age), state, "PA",
+                              np.random.default_rng(100 + k)).astype(np.float32) for age in (25, 85))
+    spine = np.s_[40:220, 122:134]
+    diffs.append(young[spine].mean() - old[spine].mean())
+  assert min(diffs) > 3, diffs

@@ -113,6 +113,17 @@ def make_data(cfg, objective, mesh, data_dir: str):
   return train, eval_fn
 
 
+def check_cached_latents(cfg, data_dir: str, state) -> None:
+  """Cached latents must come from the model's own frozen VAE (it decodes the samples): the dataset's
+  latent shape and, where the VAE parameters are readable on this process, their fingerprint."""
+  import jax
+  from data_prep.latents import check_dataset_latents
+  from ehrxdiff_jax import pipeline
+  vae = state.params.get("vae")
+  readable = vae is not None and all(x.is_fully_addressable for x in jax.tree.leaves(vae))
+  check_dataset_latents(pipeline.read_manifest(data_dir), cfg, jax.device_get(vae) if readable else None)
+
+
 def run(args) -> int:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
@@ -159,6 +170,13 @@ def run(args) -> int:
     if cfg.train.get("vae_from"):
       from ehrxdiff_jax.train.vae import vae_init_state
       state = vae_init_state(state, cfg.train.vae_from)
+  if cfg.data.cached_latents and data_dir != "synthetic":
+    try:
+      check_cached_latents(cfg, data_dir, state)
+    except ValueError as e:
+      print(f"error: {e}", file=sys.stderr)
+      ckpt.close()
+      return 2
   meta = {"config_name": cfg.name, "objective": cfg.train.objective}
   hooks = []
   if int(cfg.train.sample_every) > 0 and hasattr(objective, "sample_hook"):
