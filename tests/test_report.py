@@ -99,6 +99,25 @@ def test_build_tables_contents():
   assert f"{res['fid']['EHRXDiff']['mean']:.2f} ± {res['fid']['EHRXDiff']['std']:.2f}" in tables["quality"]
 
 
+def test_lpips_column_values_or_reason():
+  rng = np.random.default_rng(5)
+  tgt = np.clip(rng.normal(0, 0.4, (3, 16, 16, 3)), -1, 1)
+  pred = np.clip(tgt + rng.normal(0, 0.2, tgt.shape), -1, 1)
+  # the LPIPS hook's distances are averaged into the column
+  res = R.evaluate_generated(image_quality=dict(target_images=tgt, predictions={"m": pred},
+                                                lpips_fn=lambda a, b: np.abs(a - b).mean(axis=(1, 2, 3))),
+                             meta={"LPIPS": "not computed: ignored when values exist"})
+  lp = res["image_quality"]["m"]["lpips"]["mean"]
+  assert lp == pytest.approx(np.abs(pred - tgt).mean())
+  table = R.build_tables(res)["quality"]
+  assert f"| {lp:.3f} |" in table and "LPIPS: " not in table
+  # without a hook the column is empty and says why
+  res = R.evaluate_generated(image_quality=dict(target_images=tgt, predictions={"m": pred}),
+                             meta={"LPIPS": "not computed: no weights"})
+  table = R.build_tables(res)["quality"]
+  assert table.splitlines()[-1] == "LPIPS: not computed: no weights" and table.count("| – |") == 2
+
+
 def test_unscorable_label_shows_dash():
   target = np.array([[1, 0], [0, 0], [1, 0], [0, 0]], float)  # second label never positive
   prev = np.zeros_like(target)

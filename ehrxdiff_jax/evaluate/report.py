@@ -6,7 +6,8 @@ Pure functions on numpy arrays (no networks, no files) compute the results:
                         Previous label, baselines, models with one score array per seed)
   evaluate_demographics Table 6: age Pearson r, sex AUROC, race macro one-vs-rest AUROC per row
   evaluate_fid          FID of each row's features against the real targets' features
-  evaluate_image_quality SSIM / PSNR / LPIPS (hook) of each row's images against the targets
+  evaluate_image_quality SSIM / PSNR / LPIPS (hook) of each row's images against the targets (an empty
+                        LPIPS column shows the reason given as results['meta']['LPIPS'])
   evaluate_generated    all of the above into one `results` dict
 `build_tables(results)` renders the markdown tables; `write_report(out_dir, results, images)` writes
 report.md, metrics.json and figure.png.
@@ -247,8 +248,12 @@ def quality_table(results: Mapping[str, Any]) -> str:
       v = (iq.get(name) or {}).get(k)
       cells.append(_fmt(v["mean"], v["std"], v["n_seeds"], d) if v else "–")
     rows.append(cells)
-  return "### Image quality (FID on XRV DenseNet-121 features vs the real targets)\n" + _md(
+  text = "### Image quality (FID on XRV DenseNet-121 features vs the real targets)\n" + _md(
       ["Method", "FID", "SSIM", "PSNR (dB)", "LPIPS"], rows)
+  why = (results.get("meta") or {}).get("LPIPS")
+  if why and not any((v or {}).get("lpips") for v in iq.values()):  # an empty column says why
+    text += f"\n\nLPIPS: {why}"
+  return text
 
 
 def build_tables(results: Mapping[str, Any]) -> dict[str, str]:

@@ -11,18 +11,23 @@ entropy; the score is softmax(.)[1].
 Here `__call__` returns one logit per finding, logit_1 - logit_0, so sigmoid(logit) == softmax[1] and
 `multilabel_bce` on it equals the reference's 2-class cross entropy; `return_two_class=True` gives the
 raw [B, F, 2] head outputs (the layout of the reference heads, for weight import).
+The backbone is nn/vit.VisionTransformer in its timm / DINO form (`dino_vit`); `ViTEmbeddingModel` holds
+the embedding that the demographic classifier (evaluate/demographics.py) shares. Parameters:
+{'vit': {patch_embed, class_embedding, positional_embedding, blocks_i/{ln_1, attn, ln_2, fc1, fc2}},
+'norm', 'head_k/{fc1, fc2, fc3}'}.
 Training it is the job of the training machinery; this module is the network and its loss.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ehrxdiff_jax.nn.attention import MultiHeadAttention
-from ehrxdiff_jax.nn.layers import Conv, Dense, LayerNorm, maybe_remat, partitioned
+from ehrxdiff_jax.evaluate.demographics import RACE_GROUPS
+from ehrxdiff_jax.nn.layers import Dense, LayerNorm
+from ehrxdiff_jax.nn.vit import VisionTransformer
 
 IMAGENOME_FINDINGS = (
     "consolidation", "enlarged cardiac silhouette", "enlarged hilum", "lung opacity", "mediastinal widening",
@@ -43,39 +48,34 @@ def imagenome_preprocess(images, size: int = 224):
   return (x - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
 
 
-class ViTBlock(nn.Module):
-  width: int
-  heads: int
-  mlp_dim: int
-  dtype: Any = jnp.float32
-  attention: str = "auto"
-
-  @nn.compact
-  def __call__(self, x):
-    h = LayerNorm(1e-6, dtype=self.dtype, name="norm1")(x)
-    x = x + MultiHeadAttention(self.heads, self.width // self.heads, self.width, dtype=self.dtype,
-                               implementation=self.attention, name="attn")(h)
-    h = LayerNorm(1e-6, dtype=self.dtype, name="norm2")(x)
-    h = Dense(self.mlp_dim, ("embed", "mlp"), dtype=self.dtype, name="fc1")(h)
-    h = nn.gelu(h, approximate=False)
-    return x + Dense(self.width, ("mlp", "embed"), dtype=self.dtype, name="fc2")(h)
+def dino_vit(image_size: int, patch_size: int, width: int, layers: int, heads: int, mlp_ratio: float, *,
+             dtype=jnp.float32, attention: str = "auto", remat: str = "none",
+             name: str | None = None) -> VisionTransformer:
+  """timm / DINO ViT as nn/vit.VisionTransformer: exact GELU, LayerNorm eps 1e-6, patch conv with bias, no
+  ln_pre (the one ViT encoder of the project, see nn/vit.py)."""
+  return VisionTransformer(image_size=image_size, patch_size=patch_size, width=width, layers=layers, heads=heads,
+                           mlp_dim=int(width * mlp_ratio), dtype=dtype, attention=attention, remat=remat,
+                           ln_eps=1e-6, activation="gelu", patch_bias=True, pre_norm=False, name=name)
 
 
-class FindingHead(nn.Module):
-  """Linear(d, d/2)-ReLU-Linear(d/2, d/2)-ReLU-Linear(d/2, 2) (reference FeatureClassifier)."""
+class MLPHead(nn.Module):
+  """Linear(d, hidden)-ReLU-Linear(hidden, hidden)-ReLU-Linear(hidden, out) (reference FeatureClassifier:
+  hidden = d/2, out = 2)."""
   hidden: int
+  out: int = 2
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     x = nn.relu(Dense(self.hidden, ("embed", "mlp"), dtype=self.dtype, name="fc1")(x))
     x = nn.relu(Dense(self.hidden, ("mlp", "mlp"), dtype=self.dtype, name="fc2")(x))
-    return Dense(2, ("mlp", None), dtype=jnp.float32, name="fc3")(x)
+    return Dense(self.out, ("mlp", None), dtype=jnp.float32, name="fc3")(x)
 
 
-class ViTFindingClassifier(nn.Module):
-  """ViT backbone + one 2-class MLP head per finding. Input [B, image_size, image_size, in_channels]
-  already normalised (see `imagenome_preprocess`); output [B, num_findings] logits."""
+class ViTEmbeddingModel(nn.Module):
+  """The DINO embedding shared by the classifiers: the ViT backbone (`vit`) and the final LayerNorm
+  (`norm`) applied to the CLS token of each of the last `n_last_blocks` blocks, concatenated
+  ([B, n_last_blocks * width]; x2 with avgpool_patchtokens). Subclasses add heads in `__call__`."""
   image_size: int = 224
   patch_size: int = 16
   in_channels: int = 3
@@ -83,7 +83,6 @@ class ViTFindingClassifier(nn.Module):
   layers: int = 12
   heads: int = 6
   mlp_ratio: float = 4.0
-  num_findings: int = 10
   n_last_blocks: int = 4
   avgpool_patchtokens: bool = False
   dtype: Any = jnp.float32
@@ -94,8 +93,8 @@ class ViTFindingClassifier(nn.Module):
     """The reference embedding [B, n_last_blocks * width] (x2 with avgpool_patchtokens)."""
     return self(x, embedding_only=True)
 
-  @nn.compact
-  def __call__(self, x, *, return_two_class: bool = False, embedding_only: bool = False):
+  def embedding(self, x):
+    """Builds the backbone inline (called from the subclass's compact `__call__`)."""
     if not 1 <= self.n_last_blocks <= self.layers:
       raise ValueError(f"n_last_blocks must be in [1, {self.layers}], got {self.n_last_blocks}")
     if self.avgpool_patchtokens and self.n_last_blocks != 1:
@@ -103,29 +102,27 @@ class ViTFindingClassifier(nn.Module):
     b, hgt, wid, _ = x.shape
     if (hgt, wid) != (self.image_size, self.image_size):
       raise ValueError(f"expected {self.image_size}x{self.image_size} input, got {hgt}x{wid}")
-    x = Conv(self.width, self.patch_size, strides=self.patch_size, padding="VALID", dtype=self.dtype,
-             name="patch_embed")(jnp.asarray(x, self.dtype))
-    x = x.reshape(b, -1, self.width)
-    init = nn.initializers.truncated_normal(0.02)
-    cls = self.param("cls_token", partitioned(init, (None, None, "embed")), (1, 1, self.width), jnp.float32)
-    pos = self.param("pos_embed", partitioned(init, (None, "tokens", "embed")),
-                     (1, x.shape[1] + 1, self.width), jnp.float32)
-    x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.width)).astype(x.dtype), x], axis=1)
-    x = x + pos.astype(x.dtype)
-    block_cls = maybe_remat(ViTBlock, self.remat)
+    vit = dino_vit(self.image_size, self.patch_size, self.width, self.layers, self.heads, self.mlp_ratio,
+                   dtype=self.dtype, attention=self.attention, remat=self.remat, name="vit")
     norm = LayerNorm(1e-6, dtype=self.dtype, name="norm")
-    outputs = []
-    for i in range(self.layers):
-      x = block_cls(self.width, self.heads, int(self.width * self.mlp_ratio), dtype=self.dtype,
-                    attention=self.attention, name=f"blocks_{i}")(x)
-      if self.layers - i <= self.n_last_blocks:
-        outputs.append(norm(x))
+    outputs = [norm(o) for o in vit.hidden_states(jnp.asarray(x, self.dtype), self.n_last_blocks)]
     emb = jnp.concatenate([o[:, 0] for o in outputs], axis=-1).astype(jnp.float32)
     if self.avgpool_patchtokens:
       emb = jnp.stack([emb, jnp.mean(outputs[-1][:, 1:], axis=1).astype(jnp.float32)], axis=-1).reshape(b, -1)
+    return emb
+
+
+class ViTFindingClassifier(ViTEmbeddingModel):
+  """ViT backbone + one 2-class MLP head per finding. Input [B, image_size, image_size, in_channels]
+  already normalised (see `imagenome_preprocess`); output [B, num_findings] logits."""
+  num_findings: int = 10
+
+  @nn.compact
+  def __call__(self, x, *, return_two_class: bool = False, embedding_only: bool = False):
+    emb = self.embedding(x)
     if embedding_only:
       return emb
-    two = jnp.stack([FindingHead(emb.shape[-1] // 2, dtype=self.dtype, name=f"head_{k}")(emb)
+    two = jnp.stack([MLPHead(emb.shape[-1] // 2, dtype=self.dtype, name=f"head_{k}")(emb)
                      for k in range(self.num_findings)], axis=1)
     if return_two_class:
       return two
@@ -146,6 +143,43 @@ def multilabel_bce(logits, labels, mask=None):
   return jnp.sum(jnp.where(valid, loss, 0.0)) / jnp.maximum(count, 1)
 
 
+class ViTDemographicsClassifier(ViTEmbeddingModel):
+  """The demographic classifier of Table 6 (evaluate/demographics.py): the same DINO ViT embedding with
+  MLP heads {'age': [B] standardised age, 'sex': [B] logit of P(male), 'race': [B, num_races] logits}.
+  Parameters: vit, norm, head_age, head_sex, head_race."""
+  num_races: int = len(RACE_GROUPS)
+
+  @nn.compact
+  def __call__(self, x, *, embedding_only: bool = False):
+    emb = self.embedding(x)
+    if embedding_only:
+      return emb
+    hidden = emb.shape[-1] // 2
+    return {"age": MLPHead(hidden, 1, dtype=self.dtype, name="head_age")(emb)[:, 0],
+            "sex": MLPHead(hidden, 1, dtype=self.dtype, name="head_sex")(emb)[:, 0],
+            "race": MLPHead(hidden, self.num_races, dtype=self.dtype, name="head_race")(emb)}
+
+
+def masked_mean(values, valid):
+  """Mean of `values` where `valid`; 0 where nothing is valid."""
+  return jnp.sum(jnp.where(valid, values, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+
+
+def demographics_loss(outputs: Mapping[str, jax.Array], age_z, sex, race) -> tuple[jax.Array, dict]:
+  """MSE on the standardised age + BCE on sex + softmax cross entropy on race, each the mean over the
+  known labels (NaN age / sex, race -1 are ignored; a term without known labels is 0).
+  Returns (total, {'age_mse', 'sex_bce', 'race_ce'})."""
+  age_z, sex = jnp.asarray(age_z, jnp.float32), jnp.asarray(sex, jnp.float32)
+  race = jnp.asarray(race, jnp.int32)
+  age_ok, race_ok = ~jnp.isnan(age_z), race >= 0
+  age_mse = masked_mean(jnp.square(outputs["age"] - jnp.where(age_ok, age_z, 0.0)), age_ok)
+  sex_bce = multilabel_bce(outputs["sex"][:, None], sex[:, None])
+  logp = jax.nn.log_softmax(outputs["race"].astype(jnp.float32), axis=-1)
+  picked = jnp.take_along_axis(logp, jnp.maximum(race, 0)[:, None], axis=-1)[:, 0]
+  race_ce = masked_mean(-picked, race_ok)
+  return age_mse + sex_bce + race_ce, {"age_mse": age_mse, "sex_bce": sex_bce, "race_ce": race_ce}
+
+
 def finding_probabilities(logits):
   """P(finding present) = sigmoid(logit) (== the reference's softmax(two-class)[1])."""
   return jax.nn.sigmoid(logits)
@@ -161,8 +195,8 @@ def convert_reference_classifier(model_state_dict, mlps_state_dict, finding_name
   from ehrxdiff_jax.interop.common import StateDict
 
   sd = StateDict(model_state_dict)
-  params = {"patch_embed": sd.conv("patch_embed.proj"), "cls_token": sd.take("cls_token"),
-            "pos_embed": sd.take("pos_embed"), "norm": sd.norm("norm")}
+  vit = {"patch_embed": sd.conv("patch_embed.proj"), "class_embedding": sd.take("cls_token").reshape(-1),
+         "positional_embedding": sd.take("pos_embed")[0]}
   for i in range(layers):
     p = f"blocks.{i}."
     w, b = sd.take(p + "attn.qkv.weight"), sd.take(p + "attn.qkv.bias")
@@ -170,8 +204,9 @@ def convert_reference_classifier(model_state_dict, mlps_state_dict, finding_name
     attn = {name: {"kernel": np.ascontiguousarray(w[j * c:(j + 1) * c].T), "bias": b[j * c:(j + 1) * c]}
             for j, name in enumerate(("q", "k", "v"))}
     attn["out"] = sd.linear(p + "attn.proj")
-    params[f"blocks_{i}"] = {"norm1": sd.norm(p + "norm1"), "attn": attn, "norm2": sd.norm(p + "norm2"),
-                             "fc1": sd.linear(p + "mlp.fc1"), "fc2": sd.linear(p + "mlp.fc2")}
+    vit[f"blocks_{i}"] = {"ln_1": sd.norm(p + "norm1"), "attn": attn, "ln_2": sd.norm(p + "norm2"),
+                          "fc1": sd.linear(p + "mlp.fc1"), "fc2": sd.linear(p + "mlp.fc2")}
+  params = {"vit": vit, "norm": sd.norm("norm")}
   sd.skip("head.weight")
   sd.skip("head.bias")
   sd.finish()

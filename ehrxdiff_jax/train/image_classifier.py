@@ -14,6 +14,11 @@ the loop's average is NaN for a finding that is single-class in any validation b
 `auroc_macro` over the scorable findings. The exact numbers over a whole split come from
 `evaluate_auroc(trainer, state, batches)` (per-label AUROC through evaluate.metrics).
 
+`model.imagenome_classifier.task='demographics'` (configs/demographics_classifier.py) trains the same
+backbone with age / sex / race heads instead (`DemographicsClassifierObjective`, paper Table 6); its
+validation reports age Pearson r, sex AUROC and race macro one-vs-rest AUROC, and
+`ehrxdiff evaluate --demographics-classifier RUN_DIR` reads it.
+
 The trained run directory is what `ehrxdiff evaluate --classifier RUN_DIR` reads: `load_classifier(run_dir)`
 rebuilds the network from RUN_DIR/config.json and restores the parameters of the latest checkpoint.
 """
@@ -29,18 +34,34 @@ import jax.numpy as jnp
 import numpy as np
 
 from ehrxdiff_jax.evaluate import vit_classifier as V
+from ehrxdiff_jax.evaluate.demographics import RACE_GROUPS, table6_metrics
 from ehrxdiff_jax.nn.layers import compute_dtype
 from ehrxdiff_jax.train.objective import Objective
 
 
-def build_classifier(cfg) -> V.ViTFindingClassifier:
-  """The ViT of `cfg.model.imagenome_classifier` with the config's dtype / attention / remat."""
+TASKS = ("findings", "demographics")
+
+
+def classifier_task(cfg) -> str:
+  """`model.imagenome_classifier.task`: 'findings' (Chest ImaGenome, default) or 'demographics' (Table 6)."""
+  task = str(cfg.model.imagenome_classifier.get("task", "findings"))
+  if task not in TASKS:
+    raise ValueError(f"model.imagenome_classifier.task={task!r}; expected one of {TASKS}")
+  return task
+
+
+def build_classifier(cfg) -> V.ViTEmbeddingModel:
+  """The ViT of `cfg.model.imagenome_classifier` (finding heads, or demographic heads for
+  task='demographics') with the config's dtype / attention / remat."""
   m = cfg.model.imagenome_classifier
-  return V.ViTFindingClassifier(
+  common = dict(
       image_size=int(m.image_size), patch_size=int(m.patch_size), width=int(m.width), layers=int(m.layers),
-      heads=int(m.heads), mlp_ratio=float(m.mlp_ratio), num_findings=int(m.num_findings),
-      n_last_blocks=int(m.n_last_blocks), avgpool_patchtokens=bool(m.get("avgpool_patchtokens", False)),
+      heads=int(m.heads), mlp_ratio=float(m.mlp_ratio), n_last_blocks=int(m.n_last_blocks),
+      avgpool_patchtokens=bool(m.get("avgpool_patchtokens", False)),
       dtype=compute_dtype(cfg.model.dtype), attention=cfg.model.attention, remat=cfg.model.remat)
+  if classifier_task(cfg) == "demographics":
+    return V.ViTDemographicsClassifier(num_races=len(RACE_GROUPS), **common)
+  return V.ViTFindingClassifier(num_findings=int(m.num_findings), **common)
 
 
 def batch_auroc(scores: jax.Array, labels: jax.Array) -> jax.Array:
@@ -140,7 +161,73 @@ class ImageClassifierObjective(Objective):
             "target_labels": np.zeros((batch_size, f), np.float32)}
 
 
+class DemographicsClassifierObjective(ImageClassifierObjective):
+  """task='demographics': age (MSE on the standardised age), sex (BCE) and race group (softmax CE) of the
+  admission, predicted from each of its two images (batch keys `age`, `sex`, `race` of the pipeline,
+  evaluate/demographics.encode_meta; unknown values are ignored). Validation: Pearson r of the age,
+  sex AUROC and race macro one-vs-rest AUROC over `train.eval_batches` validation batches."""
+
+  def __init__(self, cfg):
+    Objective.__init__(self, cfg)
+    self.model = build_classifier(cfg)
+    m = cfg.model.imagenome_classifier
+    self.age_mean, self.age_std = float(m.get("age_mean", 65.0)), float(m.get("age_std", 17.0))
+    self.race_names = list(RACE_GROUPS)
+
+  def outputs(self, params, images) -> dict:
+    """Raw head outputs {'age' (standardised), 'sex' (logit), 'race' (logits)} of [B, H, W, C] images."""
+    x = V.imagenome_preprocess(images, self.model.image_size)
+    return self.model.apply({"params": params}, x)
+
+  def predict(self, params, images) -> dict:
+    """{'age' [B] years, 'sex' [B] P(male), 'race' [B, R] probabilities} of images in [-1, 1]."""
+    out = self.outputs(params, images)
+    return {"age": out["age"].astype(jnp.float32) * self.age_std + self.age_mean,
+            "sex": jax.nn.sigmoid(out["sex"].astype(jnp.float32)),
+            "race": jax.nn.softmax(out["race"].astype(jnp.float32), axis=-1)}
+
+  def examples(self, batch) -> tuple[jax.Array, dict]:
+    """(images [2B, ...]: I_prev then I_trg, labels {'age_z', 'sex', 'race'} [2B]): both images of a sample
+    belong to the same admission, so they share its demographics."""
+    images = jnp.concatenate([batch["prev_image"], batch["target_image"]], axis=0)
+    twice = lambda x: jnp.concatenate([x, x], axis=0)  # noqa: E731
+    age_z = (batch["age"].astype(jnp.float32) - self.age_mean) / self.age_std
+    return images, {"age_z": twice(age_z), "sex": twice(batch["sex"].astype(jnp.float32)),
+                    "race": twice(batch["race"].astype(jnp.int32))}
+
+  def loss(self, params, batch, rng, train: bool):
+    del rng, train
+    images, y = self.examples(batch)
+    return V.demographics_loss(self.outputs(params, images), y["age_z"], y["sex"], y["race"])
+
+  def eval_metrics(self, params, ema_params, batch, rng):
+    del ema_params, rng
+    images, y = self.examples(batch)
+    out = self.outputs(params, images)
+    loss, parts = V.demographics_loss(out, y["age_z"], y["sex"], y["race"])
+    age_ok, sex_ok, race_ok = ~jnp.isnan(y["age_z"]), ~jnp.isnan(y["sex"]), y["race"] >= 0
+    return {"loss": loss, **parts,
+            "age_mae_years": V.masked_mean(jnp.abs(out["age"] - y["age_z"]) * self.age_std, age_ok),
+            "sex_accuracy": V.masked_mean(((out["sex"] > 0) == (y["sex"] > 0.5)).astype(jnp.float32), sex_ok),
+            "race_accuracy": V.masked_mean((jnp.argmax(out["race"], -1) == y["race"]).astype(jnp.float32), race_ok)}
+
+  def validation_report(self, trainer, state, batches):
+    """Table 6's numbers on the validation split: age_r, sex_auroc, race_auroc."""
+    pred, labels = demographics_predictions(trainer, state, batches, int(self.cfg.train.eval_batches))
+    return table6_metrics(labels["age"], labels["sex"], labels["race"], pred["age"], pred["sex"],
+                          pred["race"]), {}
+
+  def dummy_batch(self, batch_size):
+    s = int(self.cfg.data.image_size)
+    return {"prev_image": np.zeros((batch_size, s, s, 3), np.float32),
+            "target_image": np.zeros((batch_size, s, s, 3), np.float32),
+            "age": np.zeros((batch_size,), np.float32), "sex": np.zeros((batch_size,), np.float32),
+            "race": np.zeros((batch_size,), np.int32)}
+
+
 def make_objective(cfg) -> ImageClassifierObjective:
+  if classifier_task(cfg) == "demographics":
+    return DemographicsClassifierObjective(cfg)
   return ImageClassifierObjective(cfg)
 
 
@@ -171,6 +258,25 @@ def evaluate_auroc(trainer, state, batches: Iterable[dict], num_batches: int | N
   out["label_names"] = list(obj.finding_names)
   out["n"] = int(scores.shape[0])
   return out
+
+
+def demographics_predictions(trainer, state, batches: Iterable[dict], num_batches: int | None = None):
+  """(predictions, labels) of a demographics classifier over `batches`, both images of every sample:
+  {'age' years, 'sex' P(male), 'race' probabilities} and {'age', 'sex', 'race'} as numpy [2N] / [2N, R]."""
+  obj = trainer.objective
+  fn = jax.jit(lambda p, b: obj.predict(p, obj.examples(b)[0]),
+               in_shardings=(trainer.state_shardings.params, trainer.batch_sharding),
+               out_shardings=trainer.replicated)
+  preds, labels = [], []
+  for i, host in enumerate(batches):
+    if num_batches is not None and i >= num_batches:
+      break
+    dev = trainer.put_batch(host)
+    with jax.set_mesh(trainer.mesh):
+      preds.append(jax.device_get(fn(state.params, dev)))
+    labels.append({k: np.concatenate([host[k], host[k]]) for k in ("age", "sex", "race")})
+  cat = lambda d: {k: np.concatenate([x[k] for x in d]) for k in d[0]}  # noqa: E731
+  return cat(preds), cat(labels)
 
 
 # ------------------------------------------------------------------ loading a trained run
