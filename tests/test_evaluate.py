@@ -331,13 +331,24 @@ def test_evaluate_demographics_table(demo_dataset, demographics_run, classifier_
   assert not os.path.exists(str(tmp_path / "bad" / "report.md"))
 
 
-def test_records_without_demographics_omit_table6(dataset, demographics_run, generated, tmp_path):
-  plain = rewrite_meta(dataset, str(tmp_path / "ds"),
-                       lambda i, m: {k: v for k, v in m.items() if k not in ("age", "sex", "race")})
+@pytest.fixture(scope="module")
+def plain_dataset(dataset, tmp_path_factory):
+  """The dataset as prepared before records carried demographics."""
+  return rewrite_meta(dataset, str(tmp_path_factory.mktemp("plain") / "ds"),
+                      lambda i, m: {k: v for k, v in m.items() if k not in ("age", "sex", "race")})
+
+
+def test_records_without_demographics_omit_table6(plain_dataset, demographics_run, generated, tmp_path):
+  plain = plain_dataset
   out = str(tmp_path / "report")
   assert run_evaluate(generated, plain, out, "--demographics-classifier", demographics_run, "--lpips", "none") == 0
   metrics = json.load(open(os.path.join(out, "metrics.json")))
   assert "demographics" not in metrics and "carry no age / sex / race" in metrics["meta"]["Table 6 (demographics)"]
+
+
+def test_demographics_classifier_refuses_data_without_demographics(plain_dataset, tmp_path):
+  with pytest.raises(SystemExit, match="carry no age/sex/race"):
+    train_run(DEMO_TINY, plain_dataset, str(tmp_path / "run"))
 
 
 def test_evaluate_lpips_column(dataset, generated, tmp_path):

@@ -84,6 +84,17 @@ def check_workdir(workdir: str, cfg, force: bool, write: bool = True) -> None:
     os.replace(tmp, path)
 
 
+def check_demographics(data_dir: str, split: str, probe: int = 256) -> None:
+  """The demographics classifier learns from the records' age/sex/race meta: refuse a dataset prepared
+  without them (before they were recorded), which would otherwise train on nothing but unknowns."""
+  from ehrxdiff_jax import pipeline
+  from ehrxdiff_jax.evaluate.demographics import has_demographics
+  src = pipeline.data_source(data_dir, split)
+  if not any(has_demographics(src[i]["meta"]) for i in range(min(len(src), probe))):
+    raise SystemExit(f"error: the {split!r} records of {data_dir} carry no age/sex/race (first {min(len(src), probe)} "
+                     "checked): re-run `ehrxdiff prepare` (it records them) to train the demographics classifier")
+
+
 def make_data(cfg, objective, mesh, data_dir: str):
   """(train iterator, eval iterator factory or None, schema note) for this process."""
   from ehrxdiff_jax import parallel
@@ -96,6 +107,8 @@ def make_data(cfg, objective, mesh, data_dir: str):
     return train, (lambda: SyntheticBatches(template, b, seed=10_000 + int(cfg.data.shuffle_seed), rows=rows))
   from ehrxdiff_jax import pipeline
   manifest = pipeline.read_manifest(data_dir)  # refuses a schema version mismatch, naming both versions
+  if "age" in objective.dummy_batch(1):
+    check_demographics(data_dir, cfg.data.train_split)
   max_events = int(cfg.model.conditioner.max_events)
   train = iter(pipeline.make_loader(data_dir, cfg.data.train_split, global_batch_size=b, config_data=cfg.data,
                                     seed=int(cfg.data.shuffle_seed), shuffle=True, max_events=max_events))
