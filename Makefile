@@ -2,6 +2,8 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_OUT ?= demo_out
+# e.g. DEMO_ARGS=--fresh (start over) or DEMO_ARGS=--steps-scale=2 (continue every run to twice its steps)
+DEMO_ARGS ?=
 export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.jax_cache
 
 .PHONY: setup demo test bench clean
@@ -19,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 
 demo: setup
 	$(VENV)/bin/ehrxdiff info --config configs/ehrxdiff.py
-	$(VENV)/bin/ehrxdiff demo --out $(DEMO_OUT) --overwrite
+	$(VENV)/bin/ehrxdiff demo --out $(DEMO_OUT) $(DEMO_ARGS)
 
 test: setup
 	$(PY) -m pytest -q -n 2 --durations=15 tests

@@ -30,11 +30,12 @@ def load_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_co
   return config
 
 
-def _tuplify(x):
+def tuplify(x):
+  """JSON lists back to the tuples the config files use (nested)."""
   if isinstance(x, dict):
-    return {k: _tuplify(v) for k, v in x.items()}
+    return {k: tuplify(v) for k, v in x.items()}
   if isinstance(x, list):
-    return tuple(_tuplify(v) for v in x)
+    return tuple(tuplify(v) for v in x)
   return x
 
 
@@ -46,7 +47,7 @@ def read_saved_config(workdir: str) -> ml_collections.ConfigDict:
     raise FileNotFoundError(f"no config.json in {workdir}: not a run directory of `ehrxdiff train` or "
                             "`ehrxdiff convert`")
   with open(path) as f:
-    return ml_collections.ConfigDict(_tuplify(json.load(f)))
+    return ml_collections.ConfigDict(tuplify(json.load(f)))
 
 
 def _parse_value(text: str, current):

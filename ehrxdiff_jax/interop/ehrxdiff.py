@@ -201,17 +201,10 @@ def _expected_ldm_cached(cfg_json: str):
   import ml_collections
 
   from ehrxdiff_jax import models
-  cfg = ml_collections.ConfigDict(_tuplify(__import__("json").loads(cfg_json)))
+  from ehrxdiff_jax.config_util import tuplify
+  cfg = ml_collections.ConfigDict(tuplify(__import__("json").loads(cfg_json)))
   shapes = jax.eval_shape(functools.partial(models.init_ldm, cfg), jax.random.key(0))
   return nn.unbox(shapes)
-
-
-def _tuplify(x):
-  if isinstance(x, dict):
-    return {k: _tuplify(v) for k, v in x.items()}
-  if isinstance(x, list):
-    return tuple(_tuplify(v) for v in x)
-  return x
 
 
 def expected_ldm_params(cfg) -> dict:

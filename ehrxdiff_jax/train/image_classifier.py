@@ -24,7 +24,6 @@ rebuilds the network from RUN_DIR/config.json and restores the parameters of the
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Iterable
@@ -234,6 +233,24 @@ def make_objective(cfg) -> ImageClassifierObjective:
 # ------------------------------------------------------------------ whole-split evaluation
 
 
+def _predictions(trainer, state, batches: Iterable[dict], num_batches: int | None, predict, labels_of):
+  """([predict(params, examples) per batch], [labels_of(host batch) per batch]) over `batches`, the
+  prediction jitted on the trainer's mesh; the examples are both images of every sample."""
+  obj = trainer.objective
+  fn = jax.jit(lambda p, b: predict(p, obj.examples(b)[0]),
+               in_shardings=(trainer.state_shardings.params, trainer.batch_sharding),
+               out_shardings=trainer.replicated)
+  preds, labels = [], []
+  for i, host in enumerate(batches):
+    if num_batches is not None and i >= num_batches:
+      break
+    dev = trainer.put_batch(host)
+    with jax.set_mesh(trainer.mesh):
+      preds.append(jax.device_get(fn(state.params, dev)))
+    labels.append(labels_of(host))
+  return preds, labels
+
+
 def evaluate_auroc(trainer, state, batches: Iterable[dict], num_batches: int | None = None,
                    weighting: str = "positives") -> dict:
   """Per-label AUROC (and macro / weighted macro) of the classifier over `batches` (host batches of the
@@ -241,18 +258,10 @@ def evaluate_auroc(trainer, state, batches: Iterable[dict], num_batches: int | N
   'macro', 'weighted_macro', 'label_names', 'n' (examples)."""
   from ehrxdiff_jax.evaluate import metrics
   obj = trainer.objective
-  fn = jax.jit(lambda p, b: obj.probabilities(p, obj.examples(b)[0]),
-               in_shardings=(trainer.state_shardings.params, trainer.batch_sharding),
-               out_shardings=trainer.replicated)
-  scores, labels = [], []
-  for i, host in enumerate(batches):
-    if num_batches is not None and i >= num_batches:
-      break
-    dev = trainer.put_batch(host)
-    with jax.set_mesh(trainer.mesh):
-      scores.append(np.asarray(jax.device_get(fn(state.params, dev))))
-    labels.append(np.concatenate([host["prev_labels"], host["target_labels"]]).astype(np.float64))
-  scores, labels = np.concatenate(scores), np.concatenate(labels)
+  preds, labels = _predictions(
+      trainer, state, batches, num_batches, obj.probabilities,
+      lambda host: np.concatenate([host["prev_labels"], host["target_labels"]]).astype(np.float64))
+  scores, labels = np.concatenate([np.asarray(p) for p in preds]), np.concatenate(labels)
   out = metrics.per_label_auroc(labels, scores)
   out["macro"], out["weighted_macro"] = metrics.macro_averages(out, weighting)
   out["label_names"] = list(obj.finding_names)
@@ -263,18 +272,8 @@ def evaluate_auroc(trainer, state, batches: Iterable[dict], num_batches: int | N
 def demographics_predictions(trainer, state, batches: Iterable[dict], num_batches: int | None = None):
   """(predictions, labels) of a demographics classifier over `batches`, both images of every sample:
   {'age' years, 'sex' P(male), 'race' probabilities} and {'age', 'sex', 'race'} as numpy [2N] / [2N, R]."""
-  obj = trainer.objective
-  fn = jax.jit(lambda p, b: obj.predict(p, obj.examples(b)[0]),
-               in_shardings=(trainer.state_shardings.params, trainer.batch_sharding),
-               out_shardings=trainer.replicated)
-  preds, labels = [], []
-  for i, host in enumerate(batches):
-    if num_batches is not None and i >= num_batches:
-      break
-    dev = trainer.put_batch(host)
-    with jax.set_mesh(trainer.mesh):
-      preds.append(jax.device_get(fn(state.params, dev)))
-    labels.append({k: np.concatenate([host[k], host[k]]) for k in ("age", "sex", "race")})
+  preds, labels = _predictions(trainer, state, batches, num_batches, trainer.objective.predict,
+                               lambda host: {k: np.concatenate([host[k], host[k]]) for k in ("age", "sex", "race")})
   cat = lambda d: {k: np.concatenate([x[k] for x in d]) for k in d[0]}  # noqa: E731
   return cat(preds), cat(labels)
 
@@ -283,21 +282,9 @@ def demographics_predictions(trainer, state, batches: Iterable[dict], num_batche
 
 
 def run_config(run_dir: str):
-  """The ConfigDict saved by `ehrxdiff train` in RUN_DIR/config.json."""
-  import ml_collections
-  path = os.path.join(run_dir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: {run_dir} is not a run directory of `ehrxdiff train`")
-  with open(path) as f:
-    d = json.load(f)
-
-  def tuples(x):  # JSON lists back to the tuples the configs use
-    if isinstance(x, dict):
-      return {k: tuples(v) for k, v in x.items()}
-    if isinstance(x, list):
-      return tuple(tuples(v) for v in x)
-    return x
-  cfg = ml_collections.ConfigDict(tuples(d))
+  """The ConfigDict saved by `ehrxdiff train` in RUN_DIR/config.json, checked to be an image_classifier run."""
+  from ehrxdiff_jax.config_util import read_saved_config
+  cfg = read_saved_config(run_dir)
   objective = cfg.get("train", {}).get("objective")
   if objective != "image_classifier":
     raise ValueError(f"{run_dir} is a run of train.objective={objective!r}, not an image_classifier run "
