@@ -282,3 +282,53 @@ def test_two_processes_match_one(tmp_path):
   ckpt = Checkpointer(str(two / "checkpoints"))
   assert ckpt.all_steps() == [3, 6]
   ckpt.close()
+
+
+# ------------------------------------------------------------------ LDM sample grids during training
+
+
+def tb_images(tb_dir) -> dict:
+  """tag -> [(step, height, width, PNG bytes)] of the image summaries in a TensorBoard event folder (read
+  from the TFRecord framing: u64 length, u32 crc, payload, u32 crc)."""
+  import struct
+  from tensorboardX.proto import event_pb2
+  out = {}
+  for name in os.listdir(tb_dir):
+    data = open(os.path.join(tb_dir, name), "rb").read()
+    pos = 0
+    while pos < len(data):
+      (n,) = struct.unpack("<Q", data[pos:pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+      pos += 12 + n + 4
+      for v in event.summary.value:
+        if v.HasField("image"):
+          out.setdefault(v.tag, []).append((event.step, v.image.height, v.image.width, v.image.encoded_image_string))
+  return out
+
+
+def test_ldm_sample_hook_writes_prev_pred_target_grid(tmp_path):
+  """`train.sample_every=2` for 2 LDM steps (the micro LDM of test_parallel.py, 8 devices): one grid at step
+  2, rows [I_prev | prediction | I_trg] of the hook's batch, as a PNG and in TensorBoard."""
+  from PIL import Image
+  from ehrxdiff_jax.config_util import load_config
+  from ehrxdiff_jax.train import make_objective
+  from tests.test_parallel import MICRO
+  args = [f"--config.{o}" for o in MICRO] + ["--config.train.sample_every=2", "--config.train.ckpt_every=0",
+                                             "--config.train.eval_every=0"]
+  assert cli.main(["train", "--config", TINY, "--data", "synthetic", "--workdir", str(tmp_path), "--steps", "2",
+                   "--no-progress", *args]) == 0
+  pngs = sorted(os.listdir(tmp_path / "images"))
+  assert pngs == ["samples_prev_pred_target_0000002.png"]  # not at step 1
+  grid = np.asarray(Image.open(tmp_path / "images" / pngs[0]))
+  cfg = load_config(TINY, args)
+  b, s = int(cfg.train.batch_size), int(cfg.data.image_size)
+  assert grid.shape == (b * s, 3 * s, 3)
+  # The hook's batch is the first validation batch of `--data synthetic` (commands/train.py make_data).
+  batch = SyntheticBatches(make_objective(cfg).dummy_batch(1), b, seed=10_000 + int(cfg.data.shuffle_seed)).batch(0)
+  to_pixels = lambda x: np.round(np.clip((x + 1) / 2, 0, 1) * 255).astype(np.uint8)  # noqa: E731
+  prev, pred, target = grid[:, :s], grid[:, s:2 * s], grid[:, 2 * s:]
+  np.testing.assert_array_equal(prev, to_pixels(np.concatenate(list(batch["prev_image"]), 0)))
+  np.testing.assert_array_equal(target, to_pixels(np.concatenate(list(batch["target_image"]), 0)))
+  assert not np.array_equal(pred, prev) and pred.std() > 0
+  [(step, height, width, png)] = tb_images(tmp_path / "tb")["samples/prev_pred_target"]
+  assert (step, height, width) == (2, b * s, 3 * s) and png[:8] == b"\x89PNG\r\n\x1a\n"
