@@ -192,10 +192,10 @@ class Trainer:
     So CPU and accelerator initial weights differ for one seed; each is deterministic, and the training
     randomness (state.rng) is the default threefry everywhere."""
     rng = self._rng0 if rng is None else rng
-    if self.mesh.devices.flat[0].platform == "cpu" and jax.process_count() == 1:
-      init = lambda r: nn.unbox(self._init_boxed(r, param_impl="rbg"))  # noqa: E731
+    cpu = self.mesh.devices.flat[0].platform == "cpu"
+    init = lambda r: nn.unbox(self._init_boxed(r, param_impl="rbg" if cpu else None))  # noqa: E731
+    if cpu and jax.process_count() == 1:
       return jax.device_put(jax.jit(init)(rng), self.state_shardings)
-    init = lambda r: nn.unbox(self._init_boxed(r))  # noqa: E731
     with jax.set_mesh(self.mesh):
       return jax.jit(init, out_shardings=self.state_shardings)(rng)
 
