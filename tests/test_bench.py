@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from ehrxdiff_jax import cli
-from tests.test_parallel import MICRO
+from micro import MICRO
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = "configs/tiny.py"

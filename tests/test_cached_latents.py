@@ -12,6 +12,7 @@ import pytest
 
 from data_prep import latents, synthetic
 from ehrxdiff_jax import models, pipeline
+from micro import micro_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEP = 5
@@ -32,23 +33,14 @@ def random_params(abstract, seed: int):
   return jax.tree_util.tree_map_with_path(leaf, nn.unbox(abstract))
 
 
-def micro(cfg):
-  from test_parallel import MICRO
-  from ehrxdiff_jax.config_util import apply_override
-  cfg = cfg.copy_and_resolve_references()
-  for o in MICRO:
-    apply_override(cfg, o)
-  return cfg
-
-
 @pytest.fixture(scope="module")
 def vae_run(tmp_path_factory):
-  """A micro VAE run (configs/vae.py:tiny at test_parallel's micro sizes): WORKDIR/config.json + an orbax checkpoint at step 5 holding
+  """A micro VAE run (configs/vae.py:tiny at tests/micro.py's sizes): WORKDIR/config.json + an orbax checkpoint at step 5 holding
   params['vae'], the layout `ehrxdiff train` writes and `train.vae.load_vae_params` reads."""
   from ehrxdiff_jax.commands.train import config_dict
   from ehrxdiff_jax.config_util import load_config
   from ehrxdiff_jax.train.checkpoint import Checkpointer
-  cfg = micro(load_config(os.path.join(ROOT, "configs", "vae.py:tiny")))
+  cfg = micro_config(load_config(os.path.join(ROOT, "configs", "vae.py:tiny")))
   vae = models.build_vae(cfg)
   s = cfg.data.image_size
   params = random_params(jax.eval_shape(lambda: vae.init(jax.random.key(1), jnp.zeros((1, s, s, 3)))["params"]), 1)
@@ -120,7 +112,7 @@ def test_loader_and_ldm_loss_match_the_images_path(dataset, vae_run, tiny_config
   assert "target_moments" not in images and list(images["key"]) == list(cached["key"])
 
   from ehrxdiff_jax.train.ldm import LDMObjective
-  cfg = micro(tiny_config)
+  cfg = micro_config(tiny_config)
   cfg.data.cached_latents = True
   objective = LDMObjective(cfg)
   params = random_params(jax.eval_shape(lambda: models.init_ldm(cfg, jax.random.key(0))), 0)
@@ -159,7 +151,7 @@ def test_mismatches_are_refused(dataset, vae_run, tiny_config, tmp_path, capsys)
   out, (iv, cxr) = dataset
   man = pipeline.read_manifest(out)
   other = jax.tree.map(lambda x: x + 1, vae_run[2])
-  cfg = micro(tiny_config)
+  cfg = micro_config(tiny_config)
   with pytest.raises(ValueError, match="another VAE"):
     latents.check_dataset_latents(man, cfg, other)
   big = cfg.copy_and_resolve_references()

@@ -312,7 +312,7 @@ def test_ldm_sample_hook_writes_prev_pred_target_grid(tmp_path):
   from PIL import Image
   from ehrxdiff_jax.config_util import load_config
   from ehrxdiff_jax.train import make_objective
-  from tests.test_parallel import MICRO
+  from micro import MICRO
   args = [f"--config.{o}" for o in MICRO] + ["--config.train.sample_every=2", "--config.train.ckpt_every=0",
                                              "--config.train.eval_every=0"]
   assert cli.main(["train", "--config", TINY, "--data", "synthetic", "--workdir", str(tmp_path), "--steps", "2",
