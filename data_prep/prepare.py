@@ -35,6 +35,7 @@ from data_prep import images as images_lib
 from data_prep import latents as latents_lib
 from data_prep import write as write_lib
 from data_prep.tables import Counters, find_file, fingerprint, read_table
+from ehrxdiff_jax import outputs
 from ehrxdiff_jax import records as rec
 
 SPLITS = ("train", "valid", "test")
@@ -241,9 +242,10 @@ def run(args) -> int:
   window = args.window_hours if args.window_hours is not None else filters.get("window_hours", 48)
   min_age = args.min_age if args.min_age is not None else filters.get("min_age", 18)
   label_sets = [s.strip() for s in (args.labels or "").split(",") if s.strip()]
-  out = os.path.abspath(args.out)
-  if os.path.exists(out) and not args.overwrite:
-    print(f"error: output directory {out} exists; pass --overwrite to replace it", file=sys.stderr)
+  try:
+    out = outputs.check_writable(args.out, args.overwrite)
+  except FileExistsError as e:
+    print(f"error: {e}", file=sys.stderr)
     return 2
   counters = Counters()
   cache_dir = args.cache_dir or out + ".cache"
@@ -336,7 +338,7 @@ def run(args) -> int:
   args.shard_compression = args.shard_compression.strip()
   options = f"group_size:1,{args.shard_compression}"
   splits_info = {}
-  with write_lib.atomic_directory(out, args.overwrite) as tmp:
+  with outputs.atomic_directory(out, args.overwrite) as tmp:
     for split in sorted(pairs["split"].unique()):
       sel = np.flatnonzero((pairs["split"] == split).to_numpy())
       sub = pairs.iloc[sel]

@@ -19,8 +19,6 @@ import datetime as dt
 import gzip
 import io
 import os
-import shutil
-import tempfile
 import time
 
 import numpy as np
@@ -31,6 +29,7 @@ from data_prep import synthetic_images as simg
 from data_prep.synthetic_events import (ABX_PRESCRIPTIONS, D_ITEM_ROWS, D_LABITEMS, HOME_MEDS, HOUR, ICU_UNITS, T0,
                                         add_input, add_labs, add_micro, add_procedure, chart_hour, fmt_date,
                                         fmt_time, icu_inputs, prescribe)
+from ehrxdiff_jax import outputs
 
 DEFAULT_PATIENTS = 40
 
@@ -433,9 +432,7 @@ def generate(out_dir: str, patients: int = DEFAULT_PATIENTS, seed: int = 0, over
   """Writes the synthetic database under `out_dir` (mimic-iv/ and mimic-cxr/); returns a summary."""
   if patients < 1:
     raise ValueError('patients must be >= 1')
-  out_dir = os.path.abspath(out_dir)
-  if os.path.isfile(out_dir) or (os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite):
-    raise FileExistsError(f'{out_dir} exists and is not empty (use --overwrite to replace it)')
+  out_dir = outputs.check_writable(out_dir, overwrite, allow_empty=True)
   t_start = time.perf_counter()
   sim = _Sim(seed)
   subject_ids = sorted(sim.unique('subject', 10000000, 20000000) for _ in range(patients))
@@ -443,24 +440,10 @@ def generate(out_dir: str, patients: int = DEFAULT_PATIENTS, seed: int = 0, over
   for k, sid in enumerate(subject_ids):
     _patient(sim, sid, k in minors)
   edge = _finish_tables(sim)
-  parent = os.path.dirname(out_dir)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix='.' + os.path.basename(out_dir) + '.tmp-', dir=parent)
-  try:
-    os.chmod(tmp, 0o755)
+  with outputs.atomic_directory(out_dir, overwrite, allow_empty=True) as tmp:
     for name, cols in schema.MIMIC_COLUMNS.items():
       _write_csv(schema.mimic_path(os.path.join(tmp, schema.MIMIC_IV_DIR), name), cols, sim.rows[name])
     cxr = _cxr(sim, os.path.join(tmp, schema.MIMIC_CXR_DIR), progress)
-    if os.path.exists(out_dir):
-      old = tmp + '-old'
-      os.rename(out_dir, old)
-      os.rename(tmp, out_dir)
-      shutil.rmtree(old)
-    else:
-      os.rename(tmp, out_dir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   rows = {name: len(sim.rows[name]) for name in schema.MIMIC_COLUMNS}
   return dict(out=out_dir, seed=seed, patients=patients, minors=len(minors), admissions=rows['hosp/admissions'],
               icustays=rows['icu/icustays'], **cxr, rows=rows, edge_cases=edge,

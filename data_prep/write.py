@@ -1,13 +1,10 @@
-"""Output writing: ArrayRecord shards in TFDS naming, the TFDS dataset info, the manifest, and the
-atomic output directory (everything is written under `OUT.tmp-<pid>` and renamed to OUT at the end,
-so an interrupted run never leaves a directory that looks complete)."""
+"""Output writing: ArrayRecord shards in TFDS naming, the TFDS dataset info and the manifest (the output
+directory itself is atomic: ehrxdiff_jax.outputs.atomic_directory)."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-from typing import Iterable, Iterator
+from typing import Iterable
 
 from ehrxdiff_jax import records as rec
 
@@ -20,32 +17,6 @@ def write_json(path: str, obj) -> None:
   with open(tmp, "w") as f:
     json.dump(obj, f, indent=1, sort_keys=False, default=str)
   os.replace(tmp, path)
-
-
-@contextlib.contextmanager
-def atomic_directory(out: str, overwrite: bool = False) -> Iterator[str]:
-  """Yields a temporary directory next to `out`; renamed to `out` when the block succeeds."""
-  out = os.path.abspath(out.rstrip("/"))
-  if os.path.exists(out) and not overwrite:
-    raise FileExistsError(f"output directory {out} exists; pass --overwrite to replace it")
-  parent = os.path.dirname(out)
-  os.makedirs(parent, exist_ok=True)
-  tmp = f"{out}.tmp-{os.getpid()}"
-  if os.path.exists(tmp):
-    shutil.rmtree(tmp)
-  os.makedirs(tmp)
-  try:
-    yield tmp
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  old = None
-  if os.path.exists(out):
-    old = f"{out}.old-{os.getpid()}"
-    os.rename(out, old)
-  os.rename(tmp, out)
-  if old:
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_shards(out_dir: str, split: str, payloads: Iterable[bytes], num_records: int,

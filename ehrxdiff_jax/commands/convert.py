@@ -24,8 +24,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import sys
+
+from ehrxdiff_jax import outputs
 
 log = logging.getLogger("ehrxdiff.convert")
 
@@ -44,21 +45,14 @@ def add_arguments(parser) -> None:
 
 def write_checkpoint(out: str, cfg, params: dict, ema_params: dict | None = None, meta: dict | None = None,
                      overwrite: bool = False, step: int = 0) -> str:
-  """Writes OUT/config.json and OUT/checkpoints/<step>/{state, meta}; atomic (tmp dir, then rename)."""
+  """Writes OUT/config.json and OUT/checkpoints/<step>/{state, meta}, atomically (outputs.atomic_directory)."""
   import jax
   import jax.numpy as jnp
   import numpy as np
 
   from ehrxdiff_jax.commands.train import config_dict
   from ehrxdiff_jax.train.checkpoint import Checkpointer
-  out = os.path.abspath(out.rstrip("/"))
-  if os.path.exists(out) and not overwrite:
-    raise FileExistsError(f"output directory {out} exists; pass --overwrite to replace it")
-  tmp = f"{out}.tmp-{os.getpid()}"
-  if os.path.exists(tmp):
-    shutil.rmtree(tmp)
-  os.makedirs(tmp)
-  try:
+  with outputs.atomic_directory(out, overwrite) as tmp:
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(config_dict(cfg), f, indent=2, sort_keys=True)
     state = {"step": jnp.asarray(step, jnp.int32),
@@ -68,17 +62,7 @@ def write_checkpoint(out: str, cfg, params: dict, ema_params: dict | None = None
     ckpt = Checkpointer(os.path.join(tmp, "checkpoints"), keep=1, async_save=False)
     ckpt.save(step, state, meta=dict(meta or {}))
     ckpt.close()
-    old = None
-    if os.path.exists(out):
-      old = f"{out}.old-{os.getpid()}"
-      os.rename(out, old)
-    os.rename(tmp, out)
-    if old:
-      shutil.rmtree(old, ignore_errors=True)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  return out
+  return os.path.abspath(out.rstrip("/"))
 
 
 def convert(path: str, cfg, out: str, kind: str = "auto", *, ema: bool = True, vae_mismatch: str = "error",
@@ -86,8 +70,7 @@ def convert(path: str, cfg, out: str, kind: str = "auto", *, ema: bool = True, v
   """Imports `path` (read once with torch.load(weights_only=True)) and writes the checkpoint; returns the info."""
   from ehrxdiff_jax.interop import ehrxdiff as ex
   from ehrxdiff_jax.interop.common import load_state_dict
-  if os.path.exists(out) and not overwrite:  # before reading a multi-GB file
-    raise FileExistsError(f"output directory {os.path.abspath(out)} exists; pass --overwrite to replace it")
+  outputs.check_writable(out, overwrite)  # before reading a multi-GB file
   sd = load_state_dict(path)
   kind = ex.detect_kind(sd) if kind == "auto" else kind
   if kind == "ehrxdiff":

@@ -28,11 +28,12 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 
 import numpy as np
+
+from ehrxdiff_jax import outputs
 
 log = logging.getLogger("ehrxdiff.sample")
 
@@ -128,33 +129,6 @@ def check_data(cfg, data_dir: str, split: str) -> dict:
   if split not in man.get("splits", {}):
     raise SampleError(f"{data_dir}: no split {split!r}; splits are {sorted(man.get('splits', {}))}")
   return man
-
-
-# ----------------------------------------------------------------------------- output directory
-
-
-def prepare_out(out: str, overwrite: bool) -> tuple[str, str]:
-  """(final path, temporary path) after refusing a non-empty `out` without --overwrite."""
-  out = os.path.abspath(out.rstrip("/"))
-  if os.path.isfile(out):
-    raise SampleError(f"--out {out} is a file")
-  if os.path.isdir(out) and os.listdir(out) and not overwrite:
-    raise SampleError(f"output directory {out} exists and is not empty; pass --overwrite to replace it")
-  tmp = f"{out}.tmp-{os.getpid()}"
-  if os.path.exists(tmp):
-    shutil.rmtree(tmp)
-  os.makedirs(tmp)
-  return out, tmp
-
-
-def commit_out(tmp: str, out: str) -> None:
-  old = None
-  if os.path.exists(out):
-    old = f"{out}.old-{os.getpid()}"
-    os.rename(out, old)
-  os.rename(tmp, out)
-  if old:
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -271,11 +245,10 @@ def _run(args) -> int:
 
   seeds = _parse_seeds(args.seeds)
   # Refuse a non-empty --out before anything slow happens.
-  out = os.path.abspath(args.out.rstrip("/"))
-  if os.path.isdir(out) and os.listdir(out) and not args.overwrite:
-    raise SampleError(f"output directory {out} exists and is not empty; pass --overwrite to replace it")
-  if os.path.isfile(out):
-    raise SampleError(f"--out {out} is a file")
+  try:
+    out = outputs.check_writable(args.out, args.overwrite, allow_empty=True)
+  except FileExistsError as e:
+    raise SampleError(str(e)) from None
 
   cfg, source = _load_config(args)
   man = check_data(cfg, args.data, args.split)
@@ -332,8 +305,7 @@ def _run(args) -> int:
                                 shuffle=False, num_epochs=1, drop_remainder=False, process_index=0,
                                 process_count=1, max_events=int(cfg.model.conditioner.max_events))
 
-  final, tmp = prepare_out(out, args.overwrite)
-  try:
+  with outputs.atomic_directory(out, args.overwrite, allow_empty=True) as tmp:
     for sd in seeds:
       os.makedirs(os.path.join(tmp, f"seed{sd}"))
     n_batches = -(-count // batch_size)
@@ -407,11 +379,7 @@ def _run(args) -> int:
     tmp_m = os.path.join(tmp, "manifest.json")
     with open(tmp_m, "w") as f:
       json.dump(manifest, f, indent=1, default=str)
-    commit_out(tmp, final)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   ips = manifest["timings"]["images_per_s"]
-  log.info("wrote %d images x %d seeds to %s in %.1fs (%s images/s after compilation)", done, len(seeds), final,
+  log.info("wrote %d images x %d seeds to %s in %.1fs (%s images/s after compilation)", done, len(seeds), out,
            wall, "n/a" if ips is None else f"{ips:.2f}")
   return 0

@@ -1,0 +1,49 @@
+"""Output directories written atomically (prepare, sample, convert).
+
+Everything goes under the sibling `OUT.tmp-<pid>` (same filesystem, so the final rename is atomic) and is
+renamed to OUT only when the block succeeds: an interrupted or failed run never leaves a half output that
+looks finished. An existing OUT is refused unless the caller asked to overwrite; it is replaced only after
+the new output is complete.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from typing import Iterator
+
+
+def check_writable(out: str, overwrite: bool, allow_empty: bool = False) -> str:
+  """The absolute path of `out`; FileExistsError if it is a file, or an existing directory (non-empty
+  when `allow_empty`) without `overwrite`."""
+  out = os.path.abspath(out.rstrip("/"))
+  if os.path.isfile(out):
+    raise FileExistsError(f"output {out} is a file")
+  if os.path.isdir(out) and not overwrite and not (allow_empty and not os.listdir(out)):
+    state = "exists and is not empty" if allow_empty else "exists"
+    raise FileExistsError(f"output directory {out} {state}; pass --overwrite to replace it")
+  return out
+
+
+@contextlib.contextmanager
+def atomic_directory(out: str, overwrite: bool = False, allow_empty: bool = False) -> Iterator[str]:
+  """Yields a fresh temporary directory next to `out`, renamed to `out` when the block succeeds and
+  removed when it raises (see check_writable for the refusals)."""
+  out = check_writable(out, overwrite, allow_empty)
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  tmp = f"{out}.tmp-{os.getpid()}"
+  if os.path.exists(tmp):
+    shutil.rmtree(tmp)
+  os.makedirs(tmp)
+  try:
+    yield tmp
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  old = None
+  if os.path.exists(out):
+    old = f"{out}.old-{os.getpid()}"
+    os.rename(out, old)
+  os.rename(tmp, out)
+  if old:
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,40 @@
+"""Atomic output directories (prepare, sample, convert)."""
+import os
+
+import pytest
+
+from ehrxdiff_jax import outputs
+
+
+def test_atomic_directory_refuses_replaces_and_cleans_up(tmp_path):
+  out = tmp_path / "out"
+  with outputs.atomic_directory(str(out)) as tmp:
+    assert os.path.basename(tmp) == f"out.tmp-{os.getpid()}" and not out.exists()  # nothing final mid-way
+    (tmp_path / tmp / "a.txt").write_text("first")
+  assert (out / "a.txt").read_text() == "first"
+  with pytest.raises(FileExistsError, match="exists; pass --overwrite"):
+    with outputs.atomic_directory(str(out)):
+      pass
+  # a failing block leaves the old output untouched and no temporary directory behind
+  with pytest.raises(RuntimeError):
+    with outputs.atomic_directory(str(out), overwrite=True) as tmp:
+      (tmp_path / tmp / "b.txt").write_text("half")
+      raise RuntimeError("interrupted")
+  assert sorted(os.listdir(tmp_path)) == ["out"] and sorted(os.listdir(out)) == ["a.txt"]
+  with outputs.atomic_directory(str(out) + "/", overwrite=True) as tmp:
+    (tmp_path / tmp / "b.txt").write_text("second")
+  assert sorted(os.listdir(tmp_path)) == ["out"] and sorted(os.listdir(out)) == ["b.txt"]
+
+
+def test_check_writable(tmp_path):
+  (tmp_path / "empty").mkdir()
+  (tmp_path / "file").write_text("x")
+  assert outputs.check_writable(str(tmp_path / "new"), False) == str(tmp_path / "new")
+  assert outputs.check_writable(str(tmp_path / "empty"), False, allow_empty=True) == str(tmp_path / "empty")
+  with pytest.raises(FileExistsError, match="exists; pass"):
+    outputs.check_writable(str(tmp_path / "empty"), False)
+  (tmp_path / "empty" / "x").write_text("x")
+  with pytest.raises(FileExistsError, match="exists and is not empty"):
+    outputs.check_writable(str(tmp_path / "empty"), False, allow_empty=True)
+  with pytest.raises(FileExistsError, match="is a file"):
+    outputs.check_writable(str(tmp_path / "file"), True)
