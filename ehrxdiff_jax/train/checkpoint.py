@@ -15,6 +15,7 @@ output) goes through one function, `restore_run_params`: a partial restore of `p
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -135,9 +136,29 @@ def resolve_step_dir(path: str, step: int | None = None) -> tuple[str, str, int]
   return workdir, os.path.join(ckpt, str(step)), step
 
 
+class _NoItemMetadataWarning(logging.Filter):
+  """Reading the 'state' item of a CheckpointManager step on its own, orbax warns that
+  `state/_CHECKPOINT_METADATA` is absent: that file lives one level up, in the step directory. Expected;
+  dropped so that users see no false alarm."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Metadata file does not exist")
+
+
+@contextlib.contextmanager
+def _item_read():
+  logger, quiet = logging.getLogger("absl"), _NoItemMetadataWarning()
+  logger.addFilter(quiet)
+  try:
+    yield ocp.PyTreeCheckpointer()
+  finally:
+    logger.removeFilter(quiet)
+
+
 def saved_state_tree(step_dir: str) -> dict:
   """The saved TrainState's structure (nested dicts of orbax ArrayMetadata: shape, dtype); reads no array."""
-  tree = ocp.PyTreeCheckpointer().metadata(os.path.join(step_dir, "state"))
+  with _item_read() as checkpointer:
+    tree = checkpointer.metadata(os.path.join(step_dir, "state"))
   for attr in ("item_metadata", "tree"):   # the metadata object differs between orbax versions
     tree = getattr(tree, attr, tree)
   tree = dict(tree)
@@ -212,9 +233,10 @@ def restore_run_params(path: str, step: int | None = None, *, parts: Sequence[st
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
   else:
     restore_args = ocp.checkpoint_utils.construct_restore_args(item)
-  restored = ocp.PyTreeCheckpointer().restore(
-      os.path.join(step_dir, "state"),
-      args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
+  with _item_read() as checkpointer:
+    restored = checkpointer.restore(
+        os.path.join(step_dir, "state"),
+        args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
   meta = {}
   meta_path = os.path.join(step_dir, "meta", "metadata")
   if os.path.exists(meta_path):
