@@ -39,7 +39,7 @@ __all__ = [
 
 # ----------------------------------------------------------------------------- helpers
 
-def _split_in_proj(sd: StateDict, key: str) -> dict:
+def split_in_proj(sd: StateDict, key: str) -> dict:
   """torch MultiheadAttention in_proj_weight [3W, W] / in_proj_bias [3W] -> our q, k, v Dense params."""
   w = sd.take(f"{key}.in_proj_weight")
   b = sd.take(f"{key}.in_proj_bias")
@@ -59,7 +59,8 @@ def _split_in_proj(sd: StateDict, key: str) -> dict:
 
 
 # Name tables (StateDict.block) of one block: a pre-LN ViT block from transformers' CLIPEncoderLayer and
-# OpenAI's ResidualAttentionBlock; a torch.nn.TransformerEncoderLayer of the table tower.
+# OpenAI's ResidualAttentionBlock; a torch.nn.TransformerEncoderLayer of the table tower. interop/ehrxdiff.py
+# exports through the same tables (OPENAI_BLOCK, TABLE_LAYER), so import and export cannot drift apart.
 _HF_BLOCK = {
     "ln_1": (StateDict.norm, "layer_norm1"),
     "attn": {n: (StateDict.linear, f"self_attn.{n}_proj") for n in ("q", "k", "v", "out")},
@@ -67,15 +68,15 @@ _HF_BLOCK = {
     "fc1": (StateDict.linear, "mlp.fc1"),
     "fc2": (StateDict.linear, "mlp.fc2"),
 }
-_OPENAI_BLOCK = {
+OPENAI_BLOCK = {
     "ln_1": (StateDict.norm, "ln_1"),
-    "attn": (_split_in_proj, "attn"),
+    "attn": (split_in_proj, "attn"),
     "ln_2": (StateDict.norm, "ln_2"),
     "fc1": (StateDict.linear, "mlp.c_fc"),
     "fc2": (StateDict.linear, "mlp.c_proj"),
 }
-_TABLE_LAYER = {
-    "self_attn": (_split_in_proj, "self_attn"),
+TABLE_LAYER = {
+    "self_attn": (split_in_proj, "self_attn"),
     "linear1": (StateDict.linear, "linear1"),
     "linear2": (StateDict.linear, "linear2"),
     "norm1": (StateDict.norm, "norm1"),
@@ -100,7 +101,7 @@ _HF_VIT = _ViTNaming("embeddings.patch_embedding", "embeddings.class_embedding",
                      "embeddings.position_embedding.weight", "pre_layrnorm", "encoder.layers", _HF_BLOCK,
                      "post_layernorm")
 _OPENAI_VIT = _ViTNaming("conv1", "class_embedding", "positional_embedding", "ln_pre", "transformer.resblocks",
-                         _OPENAI_BLOCK, "ln_post")
+                         OPENAI_BLOCK, "ln_post")
 
 def _vit_expected(width: int, patch: int, layers: int, mlp_dim: int, num_tokens: int, include_ln_post: bool):
   from ehrxdiff_jax.nn.vit import VisionTransformer
@@ -235,7 +236,7 @@ def convert_openai_clip_visual(state_dict: Mapping[str, Any], prefix: str = "vis
 # ----------------------------------------------------------------------------- table tower
 
 def _table(sd: StateDict, encoder: str, fc: str) -> dict:
-  params = sd.blocks(f"{encoder}layers", "layer_{}", _TABLE_LAYER)
+  params = sd.blocks(f"{encoder}layers", "layer_{}", TABLE_LAYER)
   if not params:
     raise ConversionError(f"no key {sd.prefix}{encoder}layers.N.* in the state dict")
   params["fc"] = sd.linear(fc)

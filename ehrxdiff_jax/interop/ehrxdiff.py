@@ -520,19 +520,34 @@ def _put_mha(out, key, p):
   _put_linear(out, f"{key}.out_proj", p["out"])
 
 
+def _export_block(out: dict, key: str, params: Mapping[str, Any], table: Mapping[str, Any]) -> None:
+  """One block into `out` by the import name table of interop/clip.py (StateDict.block's format), each
+  converter replaced by its inverse; of alternative names the first (the current one) is written."""
+  from ehrxdiff_jax.interop.clip import split_in_proj
+  from ehrxdiff_jax.interop.common import StateDict
+  inverse = {StateDict.norm: _put_norm, StateDict.linear: _put_linear, StateDict.conv: _put_conv,
+             split_in_proj: _put_mha}
+  for ours, entry in table.items():
+    if isinstance(entry, Mapping):
+      _export_block(out, key, params[ours], entry)
+      continue
+    convert, theirs = entry
+    inverse[convert](out, f"{key}.{theirs if isinstance(theirs, str) else theirs[0]}", params[ours])
+
+
+def _export_blocks(out: dict, tree: Mapping[str, Any], ours: str, theirs: str, table: Mapping[str, Any]) -> None:
+  """Every `{ours}_{i}` sub-tree of `tree` as block `{theirs}.{i}`."""
+  for name, p in tree.items():
+    m = re.fullmatch(rf"{ours}_(\d+)", name)
+    if m:
+      _export_block(out, f"{theirs}.{m.group(1)}", p, table)
+
+
 def export_table_tower(t: Mapping[str, Any]) -> dict:
   """TableTower -> the reference TabTransformerEmbedder names (transformer.layers.N.*, fc)."""
+  from ehrxdiff_jax.interop.clip import TABLE_LAYER
   out: dict = {}
-  for name, p in t.items():
-    m = re.fullmatch(r"layer_(\d+)", name)
-    if not m:
-      continue
-    k = f"transformer.layers.{m.group(1)}"
-    _put_mha(out, f"{k}.self_attn", p["self_attn"])
-    _put_linear(out, f"{k}.linear1", p["linear1"])
-    _put_linear(out, f"{k}.linear2", p["linear2"])
-    _put_norm(out, f"{k}.norm1", p["norm1"])
-    _put_norm(out, f"{k}.norm2", p["norm2"])
+  _export_blocks(out, t, "layer", "transformer.layers", TABLE_LAYER)
   _put_linear(out, "fc", t["fc"])
   return out
 
@@ -542,20 +557,12 @@ def export_openai_visual(im: Mapping[str, Any], ln_post: bool = True) -> dict:
 
   ln_post=True writes `ln_post` (ones / zeros when our tree has none, as the reference conditioner's
   unused copy)."""
+  from ehrxdiff_jax.interop.clip import OPENAI_BLOCK
   out: dict = {"conv1.weight": _t_conv(im["patch_embed"]["kernel"]),
                "class_embedding": np.asarray(im["class_embedding"], np.float32),
                "positional_embedding": np.asarray(im["positional_embedding"], np.float32)}
   _put_norm(out, "ln_pre", im["ln_pre"])
-  for name, p in im.items():
-    m = re.fullmatch(r"blocks_(\d+)", name)
-    if not m:
-      continue
-    k = f"transformer.resblocks.{m.group(1)}"
-    _put_norm(out, f"{k}.ln_1", p["ln_1"])
-    _put_mha(out, f"{k}.attn", p["attn"])
-    _put_norm(out, f"{k}.ln_2", p["ln_2"])
-    _put_linear(out, f"{k}.mlp.c_fc", p["fc1"])
-    _put_linear(out, f"{k}.mlp.c_proj", p["fc2"])
+  _export_blocks(out, im, "blocks", "transformer.resblocks", OPENAI_BLOCK)
   if ln_post:
     width = out["class_embedding"].shape[-1]
     post = im.get("ln_post") or {"scale": np.ones(width, np.float32), "bias": np.zeros(width, np.float32)}
