@@ -4,6 +4,9 @@ Everything goes under the sibling `OUT.tmp-<pid>` (same filesystem, so the final
 renamed to OUT only when the block succeeds: an interrupted or failed run never leaves a half output that
 looks finished. An existing OUT is refused unless the caller asked to overwrite; it is replaced only after
 the new output is complete.
+
+Several processes of one multi-host run write one output through the same temporary directory
+(`temporary_path(out, pid)` with a pid they agreed on); only one of them, the owner, creates and renames it.
 """
 from __future__ import annotations
 
@@ -25,21 +28,35 @@ def check_writable(out: str, overwrite: bool, allow_empty: bool = False) -> str:
   return out
 
 
+def temporary_path(out: str, pid: int | None = None) -> str:
+  """The temporary sibling `OUT.tmp-<pid>` of an output directory (default: this process's pid)."""
+  return f"{os.path.abspath(out.rstrip('/'))}.tmp-{os.getpid() if pid is None else int(pid)}"
+
+
 @contextlib.contextmanager
-def atomic_directory(out: str, overwrite: bool = False, allow_empty: bool = False) -> Iterator[str]:
+def atomic_directory(out: str, overwrite: bool = False, allow_empty: bool = False, tmp: str | None = None,
+                     owner: bool = True) -> Iterator[str]:
   """Yields a fresh temporary directory next to `out`, renamed to `out` when the block succeeds and
-  removed when it raises (see check_writable for the refusals)."""
+  removed when it raises (see check_writable for the refusals).
+
+  Multi-host: every process passes the same `tmp` (temporary_path with an agreed pid) and exactly one
+  passes owner=True; only the owner creates and renames the directory, the others write into it (any
+  process removes it when its block raises). The caller orders them with barriers: the others write only
+  after the owner entered the block, and the owner leaves it only after every process's last write."""
   out = check_writable(out, overwrite, allow_empty)
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  tmp = f"{out}.tmp-{os.getpid()}"
-  if os.path.exists(tmp):
-    shutil.rmtree(tmp)
-  os.makedirs(tmp)
+  tmp = temporary_path(out) if tmp is None else tmp
+  if owner:
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    if os.path.exists(tmp):
+      shutil.rmtree(tmp)
+    os.makedirs(tmp)
   try:
     yield tmp
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+  if not owner:
+    return
   old = None
   if os.path.exists(out):
     old = f"{out}.old-{os.getpid()}"

@@ -32,6 +32,13 @@ BATCH_AXES = ("data", "fsdp")
 # ------------------------------------------------------------------ multi-host
 
 
+def add_distributed_arguments(parser) -> None:
+  """The multi-host flags of every command that runs on several processes (train, sample)."""
+  parser.add_argument("--coordinator", default=None, help="multi-host: coordinator address HOST:PORT")
+  parser.add_argument("--num-processes", type=int, default=None, help="multi-host: number of processes")
+  parser.add_argument("--process-id", type=int, default=None, help="multi-host: this process's index")
+
+
 def init_distributed(coordinator: str | None = None, num_processes: int | None = None,
                      process_id: int | None = None) -> None:
   """Starts the multi-process runtime when there is more than one process.

@@ -38,3 +38,18 @@ def test_check_writable(tmp_path):
     outputs.check_writable(str(tmp_path / "empty"), False, allow_empty=True)
   with pytest.raises(FileExistsError, match="is a file"):
     outputs.check_writable(str(tmp_path / "file"), True)
+
+
+def test_shared_temporary_directory_only_the_owner_commits(tmp_path):
+  """Multi-host: every process writes into one agreed temporary directory; only the owner creates it and
+  renames it (the callers order them with barriers; here sequentially)."""
+  out = str(tmp_path / "out")
+  tmp = outputs.temporary_path(out, pid=4242)
+  assert tmp == out + ".tmp-4242"
+  with outputs.atomic_directory(out, tmp=tmp, owner=True) as owner_tmp:
+    assert owner_tmp == tmp and os.path.isdir(tmp)
+    with outputs.atomic_directory(out, tmp=tmp, owner=False) as other_tmp:   # another process's block
+      (tmp_path / other_tmp / "rows_1.txt").write_text("process 1")
+    assert os.path.isdir(tmp) and not os.path.exists(out)   # the non-owner neither renamed nor removed it
+    (tmp_path / owner_tmp / "rows_0.txt").write_text("process 0")
+  assert sorted(os.listdir(out)) == ["rows_0.txt", "rows_1.txt"] and not os.path.exists(tmp)

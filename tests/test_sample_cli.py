@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -250,3 +252,42 @@ def test_ldm_init_from_a_converted_checkpoint_keeps_its_ema_unet(converted):
     jax.tree.map(np.testing.assert_array_equal, state.params[part], saved.params[part])
   jax.tree.map(np.testing.assert_array_equal, state.ema_params["unet"], saved.ema_params["unet"])
   assert not np.array_equal(state.ema_params["unet"]["conv_in"]["kernel"], state.params["unet"]["conv_in"]["kernel"])
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_images_of_one(setup, converted):
+  """2 real processes x 4 CPU devices (one jax.distributed runtime, gloo) write the same PNGs as 1 process x 8
+  devices, into one output: 6 samples in one batch of 8, so process 1 also holds the 2 padded rows."""
+  from test_train import _free_port, env
+  args = ["--checkpoint", converted, "--data", setup["data"], *FAST, "--limit", "6", "--grid", "2"]
+  one = str(setup["base"] / "gen_one_process")
+  assert main(["sample", *args, "--out", one]) == 0  # this process: 8 devices (conftest)
+  two = str(setup["base"] / "gen_two_processes")
+  port = _free_port()
+  procs = [subprocess.Popen([sys.executable, "-m", "ehrxdiff_jax.cli", "sample", *args, "--out", two,
+                             "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+                            env=env(4), stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  try:
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  if any(p.returncode for p in procs) and any("gloo" in e.lower() and "not" in e.lower() for e in errs):
+    pytest.skip("CPU collectives (gloo) unavailable: " + errs[0][-500:])
+  assert all(p.returncode == 0 for p in procs), errs[0][-3000:] + errs[1][-3000:]
+  assert sorted(os.listdir(two)) == sorted(os.listdir(one)) == ["grid.png", "manifest.json", "seed0", "seed3"]
+  for seed in (0, 3):
+    a, b = _pngs(one, seed), _pngs(two, seed)
+    assert sorted(a) == sorted(b) == [f"p{i}_s{i}_s{100 + i}" for i in range(6)]
+    for k in a:
+      assert np.abs(a[k].astype(int) - b[k].astype(int)).max() <= 1, k  # sharding may change float rounding
+  grid_a, grid_b = (images_io.read_png(os.path.join(d, "grid.png")).astype(int) for d in (one, two))
+  assert grid_a.shape == grid_b.shape and np.abs(grid_a - grid_b).max() <= 1
+  with open(os.path.join(two, "manifest.json")) as f:
+    man = json.load(f)
+  assert man["sampler"]["processes"] == 2 and man["sampler"]["devices"] == 8 and man["count"] == 6
+  assert man["keys"] == [f"p{i}_s{i}_s{100 + i}" for i in range(6)]
+  assert "ehrxdiff.sample" in errs[0] and "ehrxdiff.sample" not in errs[1]  # process 0 logs for the run
+  assert not [p for p in os.listdir(setup["base"]) if ".tmp-" in p]

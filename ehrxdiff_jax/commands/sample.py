@@ -4,6 +4,7 @@
         [--sampler ddim|ddpm|dpmpp_2m --steps 100 --eta 1.0 --guidance 1.0 --seeds 0,1,2 --ema/--no-ema
          --batch N --limit N --step N --overwrite] [--config.sample.x=y ...]
     ehrxdiff sample --from-torch EHRXDIFF.ckpt --config configs/ehrxdiff.py --data DATA --out GEN ...
+    # multi-host without SLURM / TPU: add --coordinator HOST:PORT --num-processes N --process-id I
 
 RUN is a training workdir (config.json + checkpoints/<step>/) or the output of `ehrxdiff convert`; its
 saved config is used (--config.* overrides apply on top, e.g. the mesh). With --from-torch the weights come
@@ -19,8 +20,14 @@ Output (written under OUT.tmp-<pid> and renamed to OUT at the end):
 The split is read in record order with a static batch shape (the last batch is padded and the padded
 outputs dropped); the conditioner, every denoising step and the decoder run as one jitted program per
 batch and seed. Sample i's noise depends only on (seed, sample key) (sample.per_sample_keys), so results
-do not depend on --batch or the device count. A checkpoint whose config does not match the data (image
-size, event dim, max events, schema version) is refused, naming both values.
+do not depend on --batch, the device count or the process count. A checkpoint whose config does not match
+the data (image size, event dim, max events, schema version) is refused, naming both values.
+
+Multi-host (several processes, one jax.distributed runtime, as `ehrxdiff train`; OUT on a filesystem all
+of them share): every process reads the same global batches, feeds its own rows
+(parallel.process_batch_rows) to the one jitted program and writes the PNGs of those rows into one
+temporary directory named after process 0's pid; process 0 writes grid.png and manifest.json and renames
+the directory once every process has written (barriers), and alone logs.
 """
 from __future__ import annotations
 
@@ -72,6 +79,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="use the EMA UNet (default: config sample.use_ema)")
   smp.add_argument("--batch", type=int, default=None, help="global batch (default: sample.batch_size)")
   parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+  # The same flags as `ehrxdiff train`.
+  from ehrxdiff_jax import parallel
+  parallel.add_distributed_arguments(parser)
 
 
 # ----------------------------------------------------------------------------- checkpoint
@@ -188,6 +198,30 @@ def _safe_name(key: str) -> str:
   return name or "sample"
 
 
+def _barrier(name: str) -> None:
+  """Waits for every process (nothing to wait for in a single-process run)."""
+  import jax
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def _local_rows(x, start: int, stop: int) -> np.ndarray:
+  """Rows [start, stop) of a batch-sharded global array, read from this process's shards only (a
+  multi-host array is not fully addressable, so it cannot be device_get whole)."""
+  out = np.empty((stop - start,) + tuple(x.shape[1:]), x.dtype)
+  filled = np.zeros(stop - start, bool)
+  for shard in x.addressable_shards:
+    a, b, _ = shard.index[0].indices(x.shape[0])
+    if a < start or b > stop:
+      raise ValueError(f"rows [{a}, {b}) of this process's shard are outside its batch rows [{start}, {stop})")
+    out[a - start: b - start] = np.asarray(shard.data)
+    filled[a - start: b - start] = True
+  if not filled.all():
+    raise ValueError(f"this process's shards do not cover its batch rows [{start}, {stop})")
+  return out
+
+
 def _pad(batch: dict, size: int) -> dict:
   n = len(batch["prev_image"])
   if n == size:
@@ -201,8 +235,18 @@ def _pad(batch: dict, size: int) -> dict:
 
 def run(args) -> int:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  from ehrxdiff_jax import parallel
   from ehrxdiff_jax.interop.common import ConversionError
   from ehrxdiff_jax.train.checkpoint import CheckpointError
+  try:
+    # Before anything touches a device.
+    parallel.init_distributed(args.coordinator, args.num_processes, args.process_id)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  import jax
+  if jax.process_index() != 0:
+    logging.getLogger().setLevel(logging.WARNING)  # process 0 logs for the run
   try:
     return _run(args)
   except (SampleError, ConversionError, CheckpointError) as e:
@@ -238,6 +282,7 @@ def _load_config(args):
 
 def _run(args) -> int:
   import jax
+  from jax.experimental import multihost_utils
 
   from ehrxdiff_jax import parallel, pipeline
   from ehrxdiff_jax import images_io
@@ -269,7 +314,10 @@ def _run(args) -> int:
       raise SampleError(f"--ema: {args.from_torch} has no model_ema.* weights (use --no-ema)")
     if used_ema:
       params["unet"] = imported.ema_params["unet"]
-    params = jax.device_put(params, replicated)
+    # Every process holds the same host copy: placed shard by shard, without the cross-process equality
+    # check (an all-gather of every leaf) that device_put does for a multi-host sharding.
+    params = jax.tree.map(lambda x: jax.make_array_from_callback(np.shape(x), replicated, np.asarray(x).__getitem__),
+                          params)
     source["import"] = {k: v for k, v in imported.info.items() if k != "fields"}
   else:
     params, used_ema, meta = load_checkpoint_params(source["checkpoint"], cfg, replicated, use_ema)
@@ -292,6 +340,8 @@ def _run(args) -> int:
     padded = -(-batch_size // dp) * dp
     log.info("batch %d rounded up to %d (a multiple of the %d data-parallel devices)", batch_size, padded, dp)
     batch_size = padded
+  rows = parallel.process_batch_rows(mesh, batch_size)
+  main_process = jax.process_index() == 0
 
   total = int(man["splits"][args.split]["samples"])
   count = total if args.limit is None else max(0, min(total, int(args.limit)))
@@ -301,16 +351,21 @@ def _run(args) -> int:
                      cached_latents=False, num_workers=0)
   if cfg.data.get("labels", None):
     config_data["labels"] = cfg.data.labels
+  # Every process reads the whole global batches (keys and grid rows) and feeds only its own rows.
   loader = pipeline.make_loader(args.data, args.split, global_batch_size=batch_size, config_data=config_data,
                                 shuffle=False, num_epochs=1, drop_remainder=False, process_index=0,
                                 process_count=1, max_events=int(cfg.model.conditioner.max_events))
 
-  with outputs.atomic_directory(out, args.overwrite, allow_empty=True) as tmp:
-    for sd in seeds:
-      os.makedirs(os.path.join(tmp, f"seed{sd}"))
+  # One temporary directory for all processes, named after process 0's pid.
+  tmp_dir = outputs.temporary_path(out, int(multihost_utils.broadcast_one_to_all(np.int32(os.getpid()))))
+  with outputs.atomic_directory(out, args.overwrite, allow_empty=True, tmp=tmp_dir, owner=main_process) as tmp:
+    if main_process:
+      for sd in seeds:
+        os.makedirs(os.path.join(tmp, f"seed{sd}"))
+    _barrier("ehrxdiff sample: output directory created")
     n_batches = -(-count // batch_size)
     bar = None
-    if not args.no_progress:
+    if not args.no_progress and main_process:
       from tqdm import tqdm
       bar = tqdm(total=count * len(seeds), desc="sample", unit="img", dynamic_ncols=True)
     timings = {sd: 0.0 for sd in seeds}
@@ -326,19 +381,25 @@ def _run(args) -> int:
       host = {k: np.asarray(v)[:n] for k, v in host.items()}
       keys = [k.decode() if isinstance(k, (bytes, np.bytes_)) else str(k) for k in host["key"]]
       padded = _pad(host, batch_size)
+      local = parallel.to_global({k: padded[k][rows[0]:rows[1]] for k in smp.BATCH_KEYS if k in padded}, mesh,
+                                 batch_size)
       for sd in seeds:
         rng = smp.per_sample_keys(sd, [k.encode() for k in keys] + [keys[-1].encode()] * (batch_size - n))
+        rng = jax.make_array_from_process_local_data(batch_sharding, rng[rows[0]:rows[1]], (batch_size,))
         t0 = time.perf_counter()
-        images = np.asarray(jax.device_get(generate(params, padded, rng)))[:n]
+        images = generate(params, local, rng)
+        mine = _local_rows(images, *rows)
         dt = time.perf_counter() - t0
         if first_call_s is None:
           first_call_s = dt  # includes compilation
         else:
           timings[sd] += dt
-        for key, img in zip(keys, images):
-          images_io.write_png(os.path.join(tmp, f"seed{sd}", _safe_name(key) + ".png"), img, args.png_size)
-        if len(grid_rows[sd]) < args.grid:
-          grid_rows[sd].extend(images[: args.grid - len(grid_rows[sd])])
+        for i in range(rows[0], min(rows[1], n)):  # padded rows are dropped
+          images_io.write_png(os.path.join(tmp, f"seed{sd}", _safe_name(keys[i]) + ".png"), mine[i - rows[0]],
+                              args.png_size)
+        if len(grid_rows[sd]) < args.grid:  # the same on every process: all take part in the gather
+          grid = multihost_utils.process_allgather(images, tiled=True)[:n]
+          grid_rows[sd].extend(grid[: args.grid - len(grid_rows[sd])])
         if bar is not None:
           bar.update(n)
       if len(grid_rows["prev"]) < args.grid:
@@ -351,6 +412,9 @@ def _run(args) -> int:
     if bar is not None:
       bar.close()
     wall = time.perf_counter() - t_all
+    _barrier("ehrxdiff sample: every image written")
+    if not main_process:
+      return 0
     if args.grid > 0 and grid_rows["prev"]:
       columns = [("previous", np.stack(grid_rows["prev"]))]
       columns += [(f"pred s{sd}" if len(seeds) > 1 else "predicted", np.stack(grid_rows[sd])) for sd in seeds]
@@ -365,7 +429,7 @@ def _run(args) -> int:
         "keys": keys_written,
         "source": source, "used_ema": bool(used_ema),
         "sampler": {**settings, "batch_size": batch_size, "devices": int(mesh.devices.size),
-                    "data_parallel": dp},
+                    "data_parallel": dp, "processes": jax.process_count()},
         "timings": {
             "load_s": round(load_s, 3), "first_call_s": round(first_call_s or 0.0, 3), "wall_s": round(wall, 3),
             "per_seed_s": {str(k): round(v, 3) for k, v in timings.items()},

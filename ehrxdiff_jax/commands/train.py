@@ -32,9 +32,8 @@ def add_arguments(parser):
   parser.add_argument("--force", action="store_true", help="reuse a workdir that holds a different config")
   parser.add_argument("--steps", type=int, default=None, help="stop at this step (default train.num_steps)")
   parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-  parser.add_argument("--coordinator", default=None, help="multi-host: coordinator address HOST:PORT")
-  parser.add_argument("--num-processes", type=int, default=None, help="multi-host: number of processes")
-  parser.add_argument("--process-id", type=int, default=None, help="multi-host: this process's index")
+  from ehrxdiff_jax import parallel
+  parallel.add_distributed_arguments(parser)
 
 
 def _flatten(d, prefix=""):
