@@ -32,7 +32,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from ehrxdiff_jax import models
 from ehrxdiff_jax.nn.layers import Dense, compute_dtype, partitioned
@@ -97,12 +96,10 @@ class TableClassifier(nn.Module):
 
 
 def masked_bce(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(mean BCE-with-logits over the non-NaN labels, number of such labels)."""
-  valid = ~jnp.isnan(labels)
-  y = jnp.where(valid, labels, 0.0)
-  per = optax.sigmoid_binary_cross_entropy(logits, y)
-  n = jnp.sum(valid.astype(jnp.float32))
-  return jnp.sum(jnp.where(valid, per, 0.0)) / jnp.maximum(n, 1.0), n
+  """(mean BCE-with-logits over the non-NaN labels, number of such labels): the image classifiers' loss
+  (evaluate/vit_classifier.multilabel_bce) plus the count."""
+  from ehrxdiff_jax.evaluate.vit_classifier import multilabel_bce
+  return multilabel_bce(logits, labels), jnp.sum((~jnp.isnan(labels)).astype(jnp.float32))
 
 
 class TableClassifierObjective(Objective):

@@ -89,24 +89,36 @@ def contrastive_loss(image_emb: jax.Array, table_emb: jax.Array, logit_scale: ja
 # ------------------------------------------------------------------ parameter-tree helpers
 
 
+def _replace_leaves(tree: Any, new: Any, replace_leaf, where: str = "") -> Any:
+  """A copy of `tree` with the leaves present in `new` (a nested dict, a subset of the tree) replaced by
+  `replace_leaf(old leaf, new value, path)`; a sub-tree where the model has a leaf, an unknown name or
+  another shape is an error naming the path."""
+  if isinstance(new, Mapping):
+    if not isinstance(tree, Mapping):
+      raise ValueError(f"{where or '<root>'}: the checkpoint has a sub-tree where the model has a leaf")
+    out = dict(tree)
+    for k, v in new.items():
+      if k not in tree:
+        raise ValueError(f"{where}/{k}: not a parameter of the model (have {sorted(tree)})")
+      out[k] = _replace_leaves(tree[k], v, replace_leaf, f"{where}/{k}")
+    return out
+  model_shape = tuple((tree.value if isinstance(tree, nn.Partitioned) else tree).shape)
+  if tuple(np.shape(new)) != model_shape:
+    raise ValueError(f"{where}: shape {tuple(np.shape(new))} from the checkpoint, the model has {model_shape}")
+  return replace_leaf(tree, new)
+
+
+def _boxed_leaf(boxed, new):
+  value = boxed.value if isinstance(boxed, nn.Partitioned) else boxed
+  arr = jnp.asarray(new, value.dtype)
+  return boxed.replace_boxed(arr) if isinstance(boxed, nn.Partitioned) else arr
+
+
 def replace_in_boxed(boxed: Any, new: Any, where: str = "") -> Any:
   """A copy of the (possibly boxed) parameter tree `boxed` with the leaves present in `new` (a nested
   dict of arrays, a subset of the tree) replaced, keeping the nn.Partitioned boxes (logical axes).
   Shapes must match exactly."""
-  if isinstance(new, Mapping):
-    if not isinstance(boxed, Mapping):
-      raise ValueError(f"{where or '<root>'}: the checkpoint has a sub-tree where the model has a leaf")
-    out = dict(boxed)
-    for k, v in new.items():
-      if k not in boxed:
-        raise ValueError(f"{where}/{k}: not a parameter of the model (have {sorted(boxed)})")
-      out[k] = replace_in_boxed(boxed[k], v, f"{where}/{k}")
-    return out
-  value = boxed.value if isinstance(boxed, nn.Partitioned) else boxed
-  if tuple(value.shape) != tuple(np.shape(new)):
-    raise ValueError(f"{where}: shape {tuple(np.shape(new))} from the checkpoint, the model has {tuple(value.shape)}")
-  arr = jnp.asarray(new, value.dtype)
-  return boxed.replace_boxed(arr) if isinstance(boxed, nn.Partitioned) else arr
+  return _replace_leaves(boxed, new, _boxed_leaf, where)
 
 
 def load_clip_towers(path: str, include_ln_post: bool = False) -> dict:
@@ -152,23 +164,16 @@ def init_from_clip(boxed: dict, path: str, parts: tuple[str, ...] = ("image_towe
   return out
 
 
+def _placed_leaf(placed, new):
+  value = np.asarray(new, dtype=placed.dtype)
+  return jax.make_array_from_callback(value.shape, placed.sharding, lambda idx: value[idx])
+
+
 def put_params(tree: Any, new: Any, where: str = "") -> Any:
   """A copy of a tree of placed (sharded) jax.Arrays with the leaves present in `new` (nested numpy
   subset) replaced by arrays of the same shape, dtype and sharding (works on several processes: every
   process holds the whole host value)."""
-  if isinstance(new, Mapping):
-    if not isinstance(tree, Mapping):
-      raise ValueError(f"{where or '<root>'}: the checkpoint has a sub-tree where the model has a leaf")
-    out = dict(tree)
-    for k, v in new.items():
-      if k not in tree:
-        raise ValueError(f"{where}/{k}: not a parameter of the model (have {sorted(tree)})")
-      out[k] = put_params(tree[k], v, f"{where}/{k}")
-    return out
-  value = np.asarray(new, dtype=tree.dtype)
-  if value.shape != tuple(tree.shape):
-    raise ValueError(f"{where}: shape {value.shape} from the checkpoint, the model has {tuple(tree.shape)}")
-  return jax.make_array_from_callback(value.shape, tree.sharding, lambda idx: value[idx])
+  return _replace_leaves(tree, new, _placed_leaf, where)
 
 
 def _replace_part(state, part: str | None, fn):
