@@ -52,18 +52,12 @@ def params_fingerprint(params) -> str:
 def vae_config(path: str, config_file: str | None = None, workdir: str | None = None):
   """(ConfigDict with model.vae and data.image_size, where it came from) for the VAE at `path`; `workdir`:
   the run holding it, if it is a run."""
-  import ml_collections
-  from ehrxdiff_jax.config_util import load_config
+  from ehrxdiff_jax.config_util import load_config, read_saved_config
   if config_file:
     return load_config(config_file), config_file
   run_cfg = os.path.join(workdir, "config.json") if workdir else None
   if run_cfg and os.path.exists(run_cfg):
-    with open(run_cfg) as f:
-      cfg = ml_collections.ConfigDict(json.load(f))
-    for k, v in cfg.model.vae.items():  # JSON lists -> the tuples the module fields hold
-      if isinstance(v, list):
-        cfg.model.vae[k] = tuple(v)
-    return cfg, run_cfg
+    return read_saved_config(workdir), run_cfg
   from configs import base
   return base.get_config(), "configs/base.py (the paper's VAE)"
 
