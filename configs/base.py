@@ -68,6 +68,10 @@ def get_config() -> ml_collections.ConfigDict:
       max_events=1024,
       context_tokens=1024,
       context_dim=768,
+      # Table-tower output at padded event slots in deterministic (sampling / validation) calls: 'zero' as
+      # the reference's sampler (torch's eval-mode TransformerEncoder under no_grad zeroes them before fc;
+      # the published checkpoints' outputs), 'train' as in training. Training itself never changes.
+      padded_slots_at_inference="zero",
   ))
 
   # ---------------------------------------------------------------- diffusion

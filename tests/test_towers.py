@@ -227,11 +227,11 @@ def test_adapt_position_embedding():
 class _TorchTableTower(torch.nn.Module):
   """The reference's TabTransformerEmbedder layout (transformer + fc) at small widths."""
 
-  def __init__(self):
+  def __init__(self, enable_nested_tensor=False):
     super().__init__()
     layer = torch.nn.TransformerEncoderLayer(d_model=TAB["event_dim"], nhead=TAB["heads"],
                                              dim_feedforward=TAB["ff_dim"], dropout=0.1, batch_first=True)
-    self.transformer = torch.nn.TransformerEncoder(layer, TAB["layers"], enable_nested_tensor=False)
+    self.transformer = torch.nn.TransformerEncoder(layer, TAB["layers"], enable_nested_tensor=enable_nested_tensor)
     self.fc = torch.nn.Linear(TAB["event_dim"], TAB["out_dim"])
 
   def forward(self, x, padding):
@@ -262,6 +262,49 @@ def test_table_parity_torch():
     assert err_all <= 1e-4
   # Permuting the valid events permutes the outputs (no positional encoding).
   np.testing.assert_allclose(ours_perm[0, :5], ours[1, perm[:5]], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+def test_table_padded_slots_at_inference_vs_torch_eval():
+  # torch's default TransformerEncoder (nested tensors on), as the reference builds it: in eval mode under
+  # no_grad the fast path returns 0 at padded slots before fc; with gradients on it computes them.
+  torch_tower = _randomize(_TorchTableTower(enable_nested_tensor=True), seed=4).eval()
+  params = clip_interop.convert_torch_table_tower({k: v.detach().numpy().copy()
+                                                   for k, v in torch_tower.state_dict().items()})
+  rng = np.random.default_rng(5)
+  valid = np.arange(10)[None, :] < np.array([10, 6, 2])[:, None]
+  events = (rng.normal(size=(3, 10, TAB["event_dim"])) * valid[..., None]).astype(np.float32)
+  x, padding = torch.from_numpy(events), torch.from_numpy(~valid)
+  with torch.no_grad():
+    ref_sampler = torch_tower(x, padding).numpy()
+  ref_grad = torch_tower(x, padding).detach().numpy()     # gradients on: no fast path, dropout off (eval)
+  fc_bias = torch_tower.fc.bias.detach().numpy()
+  np.testing.assert_allclose(ref_sampler[~valid], np.broadcast_to(fc_bias, ref_sampler[~valid].shape), atol=1e-6)
+  assert max_rel_err(ref_grad[~valid], ref_sampler[~valid]) > 0.1   # the two torch behaviours differ there
+
+  def run(mode, deterministic):
+    tower = TableTower(**TAB, padded_slots_at_inference=mode)
+    return tower.apply({"params": params}, events, valid, deterministic, rngs={"dropout": jax.random.key(0)})
+
+  run = jax.jit(run, static_argnums=(0, 1))
+  err_zero, err_train = max_rel_err(run("zero", True), ref_sampler), max_rel_err(run("train", True), ref_grad)
+  print(f"table tower vs torch: 'zero' vs eval+no_grad {err_zero:.2e}, 'train' vs gradients on {err_train:.2e}")
+  assert err_zero <= 1e-5 and err_train <= 1e-5
+  # Training (dropout active) does not depend on the option.
+  np.testing.assert_array_equal(run("zero", False), run("train", False))
+  with pytest.raises(ValueError, match="padded_slots_at_inference"):
+    TableTower(**TAB, padded_slots_at_inference="nan").init(jax.random.key(0), events, valid)
+
+
+def test_conditioner_padded_slots_from_config():
+  from ehrxdiff_jax import models
+  from ehrxdiff_jax.config_util import load_config
+  cfg = load_config("configs/tiny.py")
+  assert cfg.model.conditioner.padded_slots_at_inference == "zero"
+  assert models.build_conditioner(cfg).table_tower.padded_slots_at_inference == "zero"
+  assert models.build_table_tower(cfg).padded_slots_at_inference == "train"     # CLIP, table classifier
+  cfg = load_config("configs/tiny.py", ["--config.model.conditioner.padded_slots_at_inference=train"])
+  assert models.build_conditioner(cfg).table_tower.padded_slots_at_inference == "train"
 
 
 def test_pool_tokens():

@@ -3,7 +3,8 @@
 Restates the reference's `MultiModalTransformerAdaptor` (and its ablation siblings `TabAdaptor`,
 `ImgAdaptor`, `ClipAdaptor`, `ClipTabAdaptor`, `ClipImgAdaptor`, `VAEAdaptor`, paper Table 4):
 
-  table tokens  [B, max_events, D]  the table tower on the events (every slot, padding included)
+  table tokens  [B, max_events, D]  the table tower on the events (every slot, padding included; at
+                                    inference padded slots follow `padded_slots_at_inference`, nn/table.py)
   image tokens  [B, 1+N, D]         the CLIP image tower on I_prev: all tokens, no ln_post, no projection
   VAE tokens    [B, c, D]           the UNSCALED VAE mean of I_prev [B, h, w, c] -> c tokens of h*w values
                                     (token i = channel i flattened row-major, the reference's NCHW

@@ -16,6 +16,12 @@ Dropout is active when `deterministic=False` and then needs a 'dropout' rng.
 `project=False` leaves out `fc` and returns the encoder output (the table-classifier baselines,
 train/classifier.py, use the encoder alone).
 
+Padded slots at inference (`padded_slots_at_inference`, deterministic calls only): 'train' keeps what the
+encoder computes there (padded queries still attend to the valid events), as torch does with gradients
+on; 'zero' sets the encoder output of every padded slot to 0 before `fc` (so those tokens are fc's bias),
+as torch's eval-mode TransformerEncoder does under no_grad: its nested-tensor fast path drops the padded
+slots and pads the output with zeros. The reference samples that way; valid slots are the same in both.
+
 Parameter names: layer_{i}/{self_attn/{q,k,v,out}, linear1, linear2, norm1, norm2}, fc.
 """
 from typing import Any
@@ -29,6 +35,7 @@ from ehrxdiff_jax.nn.vit import as_dtype
 
 LN_EPS = 1e-5
 POOL_MODES = ("mean", "reference_sum")
+PADDED_SLOT_MODES = ("train", "zero")
 
 
 class EncoderLayer(nn.Module):
@@ -67,6 +74,7 @@ class TableTower(nn.Module):
   attention: str = "auto"
   remat: str = "none"
   project: bool = True
+  padded_slots_at_inference: str = "train"
 
   @nn.compact
   def __call__(self, events, event_mask, deterministic: bool = True):
@@ -77,6 +85,9 @@ class TableTower(nn.Module):
       raise ValueError(f"event_dim {self.event_dim} is not divisible by heads {self.heads}")
     if events.shape[-1] != self.event_dim:
       raise ValueError(f"table tower expects event_dim {self.event_dim}, got events {events.shape}")
+    if self.padded_slots_at_inference not in PADDED_SLOT_MODES:
+      raise ValueError(f"padded_slots_at_inference={self.padded_slots_at_inference!r}; expected one of "
+                       f"{PADDED_SLOT_MODES}")
     dtype = as_dtype(self.dtype)
     event_mask = jnp.asarray(event_mask, bool)
     x = events.astype(dtype)
@@ -84,6 +95,8 @@ class TableTower(nn.Module):
     for i in range(self.layers):
       x = layer(self.event_dim, self.heads, self.ff_dim, self.dropout, self.attention_dropout, dtype=dtype,
                 attention=self.attention, name=f"layer_{i}")(x, event_mask, deterministic)
+    if deterministic and self.padded_slots_at_inference == "zero":
+      x = jnp.where(event_mask[..., None], x, jnp.zeros((), x.dtype))
     if not self.project:
       return x
     return Dense(self.out_dim, ("embed", None), dtype=dtype, name="fc")(x)
