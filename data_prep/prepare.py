@@ -1,14 +1,20 @@
 """`ehrxdiff prepare`: MIMIC-IV 2.2 + MIMIC-CXR-JPG 2.0.0 -> ArrayRecord shards of (I_prev, S_event, I_trg).
 
-    ehrxdiff prepare --mimic-iv DIR --mimic-cxr DIR --out DIR [--image-size 256] [--event-dim 1536]
-        [--max-events 1024] [--embedder hashing|local:PATH|precomputed:FILE] [--split-file F]
-        [--labels chexpert,imagenome] [--workers N] [--overwrite]
+    ehrxdiff prepare --mimic-iv DIR --mimic-cxr DIR --chest-imagenome DIR --out DIR [--image-size 256]
+        [--event-dim 1536] [--max-events 1024] [--embedder hashing|local:PATH|precomputed:FILE] [--split-file F]
+        [--labels chexpert,imagenome] [--imagenome-file CSV] [--workers N] [--overwrite]
         [--vae-checkpoint PATH [--vae-config FILE] [--latents-batch N]]
 
 Steps: cohort (data_prep/cohort.py) -> streamed events (events.py) -> embeddings (embed.py) -> images
 (images.py) -> patient-disjoint splits -> labels -> [cached VAE latents (latents.py)] -> shards + manifest
 (write.py). Each record's JSON meta carries the demographics `age` (years at admission), `sex` ('F' | 'M')
-and `race` (admissions.race) where known, for the evaluation only (never logged). The output directory:
+and `race` (admissions.race) where known, for the evaluation only (never logged).
+
+Chest ImaGenome labels (`imagenome`) come from the release (`--chest-imagenome`, read by
+data_prep/imagenome.py with the reference's rule) or from a per-image CSV (`--imagenome-file`, a convenience
+format). The release's gold-set patients get `imagenome_gold: true` in their records' meta: the findings
+classifier's training ignores their labels, as the reference leaves them out of its training split
+(train/image_classifier.py). The output directory:
 
     manifest.json              schema version, counts, options, input fingerprints, drop counters, tables
     dataset_info.json, features.json   TFDS metadata (tfds.builder_from_directory / tfds.data_source)
@@ -31,8 +37,10 @@ import pandas as pd
 from data_prep import cohort as cohort_lib
 from data_prep import embed as embed_lib
 from data_prep import events as events_lib
+from data_prep import imagenome as imagenome_lib
 from data_prep import images as images_lib
 from data_prep import latents as latents_lib
+from data_prep import schema
 from data_prep import write as write_lib
 from data_prep.tables import Counters, find_file, fingerprint, read_table
 from ehrxdiff_jax import outputs
@@ -41,7 +49,6 @@ from ehrxdiff_jax import records as rec
 SPLITS = ("train", "valid", "test")
 CXR_META = "mimic-cxr-2.0.0-metadata"
 CXR_CHEXPERT = "mimic-cxr-2.0.0-chexpert"
-IMAGENOME_FILE = "chest_imagenome_labels.csv"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -64,8 +71,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--labels", default="chexpert,imagenome",
                  help="comma list of label sets to carry: chexpert, imagenome ('' for none)")
+  p.add_argument("--chest-imagenome", default=None,
+                 help="Chest ImaGenome 1.0.0 release root (silver_dataset/scene_tabular/"
+                      "attribute_relations_tabular.txt, gold_dataset/): the 'imagenome' labels")
   p.add_argument("--imagenome-file", default=None,
-                 help=f"per-image label CSV (default: MIMIC_CXR/{IMAGENOME_FILE} if present)")
+                 help="instead of --chest-imagenome: a per-image CSV with dicom_id and the 10 label columns "
+                      "(1 / 0 / empty; convenience format, no gold set)")
   p.add_argument("--image-codec", choices=["png", "raw"], default="raw",
                  help="raw uint8 (default: with zstd shards about as small as PNG, 10x faster to decode)")
   p.add_argument("--event-codec", choices=["raw", "zlib"], default="raw")
@@ -125,10 +136,27 @@ def assign_splits(pairs: pd.DataFrame, split_file: str | None, fractions=(0.9, 0
 
 
 # ----------------------------------------------------------------------------- labels
-def load_labels(pairs: pd.DataFrame, mimic_cxr: str, sets: list[str], imagenome_file: str | None,
+def imagenome_source(args) -> str:
+  """The file the 'imagenome' labels come from (checked now, read after the cohort): the release's silver
+  file (--chest-imagenome) or the per-image CSV (--imagenome-file)."""
+  if args.chest_imagenome and args.imagenome_file:
+    raise ValueError("give one of --chest-imagenome and --imagenome-file")
+  if args.imagenome_file:
+    if not os.path.isfile(args.imagenome_file):
+      raise FileNotFoundError(f"missing input file: {args.imagenome_file} (--imagenome-file)")
+    return args.imagenome_file
+  if not args.chest_imagenome:
+    raise FileNotFoundError("the 'imagenome' labels need the Chest ImaGenome 1.0.0 release: pass "
+                            "--chest-imagenome DIR (or a per-image CSV with --imagenome-file), or drop "
+                            "'imagenome' from --labels")
+  imagenome_lib.release_file(args.chest_imagenome, schema.IMAGENOME_GOLD)
+  return imagenome_lib.release_file(args.chest_imagenome, schema.IMAGENOME_SILVER)
+
+
+def load_labels(pairs: pd.DataFrame, mimic_cxr: str, sets: list[str], imagenome: pd.DataFrame | None,
                 counters: Counters) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-  """set -> (prev labels [N, L], target labels [N, L]) float32 with raw values (NaN unknown)."""
-  from data_prep import schema
+  """set -> (prev labels [N, L], target labels [N, L]) float32 with raw values (NaN unknown).
+  `imagenome`: per-image labels (data_prep/imagenome.py) indexed by dicom_id."""
   out = {}
   for s in sets:
     if s == "chexpert":
@@ -136,30 +164,22 @@ def load_labels(pairs: pd.DataFrame, mimic_cxr: str, sets: list[str], imagenome_
       df = read_table(mimic_cxr, CXR_CHEXPERT, cols, counters)
       vals = df[schema.CHEXPERT_LABELS].apply(pd.to_numeric, errors="coerce").to_numpy(np.float32)
       idx = dict(zip(pd.to_numeric(df["study_id"], errors="coerce").fillna(-1).astype(np.int64), range(len(df))))
-      keys = ("prev_study", "trg_study")
+      keys = (("prev_study", "prev_dicom"), ("trg_study", "trg_dicom"))
     elif s == "imagenome":
-      path = imagenome_file or os.path.join(mimic_cxr, IMAGENOME_FILE)
-      if not os.path.exists(path):
-        raise FileNotFoundError(f"missing input file: {path} (per-image Chest ImaGenome labels; "
-                                "pass --imagenome-file or drop 'imagenome' from --labels)")
-      head = pd.read_csv(path, nrows=0).columns
-      need = ["dicom_id"] + list(schema.IMAGENOME_LABELS)
-      for c in need:
-        if c not in head:
-          raise ValueError(f"{path}: missing column {c!r}")
-      df = pd.read_csv(path, usecols=need, dtype=str)
-      vals = df[schema.IMAGENOME_LABELS].apply(pd.to_numeric, errors="coerce").to_numpy(np.float32)
-      idx = dict(zip(df["dicom_id"], range(len(df))))
-      keys = ("prev_dicom", "trg_dicom")
+      vals = imagenome[schema.IMAGENOME_LABELS].to_numpy(np.float32)
+      idx = dict(zip(imagenome.index, range(len(imagenome))))
+      keys = (("prev_dicom", "prev_dicom"), ("trg_dicom", "trg_dicom"))
     else:
       raise ValueError(f"unknown label set {s!r}: chexpert | imagenome")
-    res = []
-    for k in keys:
+    res, missing = [], set()
+    for k, image in keys:
       rows = pairs[k].map(lambda v: idx.get(v if s == "imagenome" else int(v), -1)).to_numpy(np.int64)
       lab = np.full((len(pairs), vals.shape[1]), np.nan, np.float32)
       lab[rows >= 0] = vals[rows[rows >= 0]]
-      counters[f"labels {s}: {k.split('_')[0]} images without labels"] += int((rows < 0).sum())
+      missing.update(pairs[image][rows < 0])
       res.append(lab)
+    counters[f"labels {s}: images"] += int(pd.concat([pairs["prev_dicom"], pairs["trg_dicom"]]).nunique())
+    counters[f"labels {s}: images without labels"] += len(missing)
     out[s] = tuple(res)
   return out
 
@@ -227,7 +247,7 @@ def _sample_records(sub: pd.DataFrame, ids: list, vectors: np.ndarray, image_fil
     meta = dict(key=r["key"], subject_id=int(r["subject_id"]), hadm_id=int(r["hadm_id"]),
                 prev_dicom=r["prev_dicom"], trg_dicom=r["trg_dicom"], prev_study=int(r["prev_study"]),
                 trg_study=int(r["trg_study"]), interval_h=float(r["interval_h"]), n_events_total=int(r["n_events_total"]),
-                **demographics(r))
+                **demographics(r), **({"imagenome_gold": True} if r["imagenome_gold"] else {}))
     codecs = {"events": args.event_codec, "prev_image": args.image_codec, "target_image": args.image_codec}
     yield rec.encode_record(meta, arrays, codecs)
 
@@ -249,6 +269,7 @@ def run(args) -> int:
     return 2
   counters = Counters()
   cache_dir = args.cache_dir or out + ".cache"
+  imagenome_file = imagenome_source(args) if "imagenome" in label_sets else None  # fails before the streaming
   # The VAE is loaded and checked first: a wrong checkpoint or image size fails before the long streaming.
   encoder = None
   if args.vae_checkpoint:
@@ -313,7 +334,26 @@ def run(args) -> int:
   # 4. splits + labels
   pairs["split"] = assign_splits(pairs, args.split_file, tuple(float(x) for x in args.split_fractions.split(",")),
                                  args.seed)
-  labels = load_labels(pairs, args.mimic_cxr, label_sets, args.imagenome_file, counters) if label_sets else {}
+  imagenome, gold = None, set()
+  if imagenome_file:
+    inputs["imagenome"] = fingerprint(imagenome_file)
+    t0 = time.time()
+    if args.chest_imagenome:
+      imagenome = imagenome_lib.read_release(args.chest_imagenome, counters, args.chunk_rows)
+      gold = imagenome_lib.gold_subjects(args.chest_imagenome)
+    else:
+      imagenome = imagenome_lib.read_label_csv(imagenome_file)
+    _log(f"Chest ImaGenome: labels of {len(imagenome)} images, {len(gold)} gold-set patients "
+         f"in {time.time() - t0:.1f}s")
+  # The reference leaves the gold-set patients out of its findings classifier's training split; their
+  # records say so (meta imagenome_gold) and train/image_classifier.py ignores their labels in training.
+  pairs["imagenome_gold"] = pairs["subject_id"].astype(np.int64).isin(gold)
+  if gold:
+    in_train = pairs["imagenome_gold"] & (pairs["split"] == "train")
+    counters["labels imagenome: gold-set patients (no findings-classifier training)"] += int(
+        pairs.loc[pairs["imagenome_gold"], "subject_id"].nunique())
+    counters["labels imagenome: train samples of gold-set patients"] += int(in_train.sum())
+  labels = load_labels(pairs, args.mimic_cxr, label_sets, imagenome, counters) if label_sets else {}
 
   # 5. embeddings of the texts still used
   used = np.unique(np.concatenate(ids)) if ids else np.zeros(0, np.int32)

@@ -1,4 +1,4 @@
-"""Column layouts of the MIMIC-IV 2.2 and MIMIC-CXR-JPG 2.0.0 files (file order).
+"""Column layouts of the MIMIC-IV 2.2, MIMIC-CXR-JPG 2.0.0 and Chest ImaGenome 1.0.0 files (file order).
 
 Single source of truth for the synthetic generator (``data_prep.synthetic``) and for the
 preprocessor's schema checks. Keys of ``MIMIC_COLUMNS`` are ``'<module>/<table>'``; the file is
@@ -61,11 +61,28 @@ CHEXPERT_LABELS = [
   'Fracture', 'Lung Lesion', 'Lung Opacity', 'No Finding', 'Pleural Effusion',
   'Pleural Other', 'Pneumonia', 'Pneumothorax', 'Support Devices']
 
-# Chest ImaGenome findings used by the project (snake_case column names).
+# Chest ImaGenome findings used by the project (snake_case column names; the records' label order).
 IMAGENOME_LABELS = [
   'consolidation', 'enlarged_cardiac_silhouette', 'enlarged_hilum', 'lung_opacity',
   'mediastinal_widening', 'pleural_effusion', 'pneumonia', 'pneumothorax',
   'pulmonary_edema_hazy_opacity', 'vascular_congestion']
+# The same attributes as the release spells them (its `label_name`) -> our column name.
+IMAGENOME_ATTRIBUTES = {
+  'consolidation': 'consolidation', 'enlarged cardiac silhouette': 'enlarged_cardiac_silhouette',
+  'enlarged hilum': 'enlarged_hilum', 'lung opacity': 'lung_opacity',
+  'mediastinal widening': 'mediastinal_widening', 'pleural effusion': 'pleural_effusion',
+  'pneumonia': 'pneumonia', 'pneumothorax': 'pneumothorax',
+  'pulmonary edema/hazy opacity': 'pulmonary_edema_hazy_opacity', 'vascular congestion': 'vascular_congestion'}
+
+# Chest ImaGenome 1.0.0 (a PhysioNet release of its own): tab-separated files under the release root, one
+# row per (report sentence, anatomical box, attribute). The columns the reader uses (data_prep/imagenome.py)
+# and that the synthetic generator writes, in the generator's order; the real files carry more columns.
+IMAGENOME_DIR = 'chest-imagenome'
+IMAGENOME_SILVER = 'silver_dataset/scene_tabular/attribute_relations_tabular.txt'
+IMAGENOME_GOLD = 'gold_dataset/gold_attributes_relations_500pts_500studies1st.txt'
+IMAGENOME_SILVER_COLUMNS = ['study_id', 'image_id', 'row_id', 'bbox', 'relation', 'label_name', 'categoryID',
+                            'sentence']
+IMAGENOME_GOLD_COLUMNS = ['patient_id'] + IMAGENOME_SILVER_COLUMNS
 
 CXR_COLUMNS = {
   'mimic-cxr-2.0.0-metadata': [
@@ -78,13 +95,9 @@ CXR_COLUMNS = {
   'mimic-cxr-2.0.0-split': ['dicom_id', 'study_id', 'subject_id', 'split'],
 }
 
-# Per-image label file written by the synthetic generator (not part of MIMIC-CXR-JPG).
-IMAGENOME_COLUMNS = ['dicom_id', 'study_id', 'subject_id'] + IMAGENOME_LABELS
-
 # Relative file paths (without the .csv.gz / .csv suffix).
 MIMIC_IV_DIR = 'mimic-iv'
 MIMIC_CXR_DIR = 'mimic-cxr'
-IMAGENOME_FILE = 'chest_imagenome_labels.csv'
 
 
 def mimic_path(root, table, suffix='.csv.gz'):

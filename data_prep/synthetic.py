@@ -1,4 +1,5 @@
-"""`ehrxdiff demo-data`: a small synthetic database in the MIMIC-IV 2.2 + MIMIC-CXR-JPG 2.0.0 formats.
+"""`ehrxdiff demo-data`: a small synthetic database in the MIMIC-IV 2.2 + MIMIC-CXR-JPG 2.0.0 + Chest ImaGenome
+1.0.0 formats.
 
 Every patient carries a latent clinical state, simulated hour by hour through each admission:
 infection (lung opacity), fluid balance (pleural effusion, oedema, cardiac size), pneumothorax and
@@ -26,6 +27,7 @@ from tqdm import tqdm
 
 from data_prep import schema
 from data_prep import synthetic_images as simg
+from data_prep.synthetic_imagenome import write_release as write_imagenome
 from data_prep.synthetic_events import (ABX_PRESCRIPTIONS, D_ITEM_ROWS, D_LABITEMS, HOME_MEDS, HOUR, ICU_UNITS, T0,
                                         add_input, add_labs, add_micro, add_procedure, chart_hour, fmt_date,
                                         fmt_time, icu_inputs, prescribe)
@@ -375,7 +377,7 @@ def _finish_tables(sim: _Sim) -> list:
 
 
 def _cxr(sim: _Sim, out: str, progress: bool) -> dict:
-  """Edge cases of the studies, then metadata / chexpert / split / ImaGenome csvs and the JPEGs."""
+  """Edge cases of the studies, then metadata / chexpert / split csvs, the Chest ImaGenome release and the JPEGs."""
   rng = sim.rng
   studies = sorted(sim.studies, key=lambda s: (s['subject_id'], s['time'], s['study_id']))
   in_adm = [s for s in studies if s['hadm_id'] is not None]
@@ -413,7 +415,8 @@ def _cxr(sim: _Sim, out: str, progress: bool) -> dict:
   _write_csv(os.path.join(out, 'mimic-cxr-2.0.0-metadata.csv.gz'), cols['mimic-cxr-2.0.0-metadata'], meta)
   _write_csv(os.path.join(out, 'mimic-cxr-2.0.0-chexpert.csv.gz'), cols['mimic-cxr-2.0.0-chexpert'], chex)
   _write_csv(os.path.join(out, 'mimic-cxr-2.0.0-split.csv.gz'), cols['mimic-cxr-2.0.0-split'], spl)
-  _write_csv(os.path.join(out, schema.IMAGENOME_FILE), schema.IMAGENOME_COLUMNS, ig, gz=False)
+  # Chest ImaGenome is a release of its own, next to mimic-cxr/ (data_prep/synthetic_imagenome.py)
+  imagenome = write_imagenome(os.path.join(os.path.dirname(out), schema.IMAGENOME_DIR), ig, sim.seed)
   for i, (path, s, view) in enumerate(tqdm(jobs, desc='images', unit='img', disable=not progress)):
     img = simg.render(s['anat'], s['state'], view, np.random.default_rng([sim.seed, i]))
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -423,13 +426,13 @@ def _cxr(sim: _Sim, out: str, progress: bool) -> dict:
   frontal = [(s['hadm_id'], s['time']) for _, s, v in jobs if v in ('PA', 'AP') and s['hadm_id'] is not None]
   pairs = sum(1 for a in frontal for b in frontal if a[0] == b[0] and 0 < b[1] - a[1] <= 48 * HOUR)
   return dict(studies=len(studies), images=len(jobs), frontal_pairs_48h=pairs,
-              studies_outside_admissions=sum(s['hadm_id'] is None for s in studies))
+              studies_outside_admissions=sum(s['hadm_id'] is None for s in studies), **imagenome)
 
 
 # ---------------------------------------------------------------------------- entry points
 def generate(out_dir: str, patients: int = DEFAULT_PATIENTS, seed: int = 0, overwrite: bool = False,
              progress: bool = True) -> dict:
-  """Writes the synthetic database under `out_dir` (mimic-iv/ and mimic-cxr/); returns a summary."""
+  """Writes the synthetic database under `out_dir` (mimic-iv/, mimic-cxr/, chest-imagenome/); returns a summary."""
   if patients < 1:
     raise ValueError('patients must be >= 1')
   out_dir = outputs.check_writable(out_dir, overwrite, allow_empty=True)
@@ -451,7 +454,7 @@ def generate(out_dir: str, patients: int = DEFAULT_PATIENTS, seed: int = 0, over
 
 
 def add_arguments(parser) -> None:
-  parser.add_argument('--out', required=True, help='output folder (gets mimic-iv/ and mimic-cxr/)')
+  parser.add_argument('--out', required=True, help='output folder (gets mimic-iv/, mimic-cxr/, chest-imagenome/)')
   parser.add_argument('--patients', type=int, default=DEFAULT_PATIENTS, help='number of synthetic patients')
   parser.add_argument('--seed', type=int, default=0, help='random seed (same seed, same files)')
   parser.add_argument('--overwrite', action='store_true', help='replace a non-empty --out')

@@ -39,20 +39,20 @@ def find_file(root: str, name: str) -> str:
   raise FileNotFoundError(f"missing input file: {base}.csv.gz (or {base}.csv)")
 
 
-def read_header(path: str) -> list[str]:
+def read_header(path: str, sep: str = ",") -> list[str]:
   opener = gzip.open if path.endswith(".gz") else open
   try:
     with opener(path, "rt", newline="") as f:
-      return next(csv.reader(f))
+      return next(csv.reader(f, delimiter=sep))
   except StopIteration:
     raise SchemaError(f"{path}: empty file (no header row)") from None
   except (OSError, EOFError, gzip.BadGzipFile) as e:
     raise SchemaError(f"{path}: unreadable ({e})") from None
 
 
-def require_columns(path: str, needed: Sequence[str]) -> list[str]:
+def require_columns(path: str, needed: Sequence[str], sep: str = ",") -> list[str]:
   """Header of `path`; SchemaError naming the file and the first missing column."""
-  header = read_header(path)
+  header = read_header(path, sep)
   missing = [c for c in needed if c not in header]
   if missing:
     raise SchemaError(f"{path}: missing column {missing[0]!r}"
@@ -60,11 +60,11 @@ def require_columns(path: str, needed: Sequence[str]) -> list[str]:
   return header
 
 
-def _read_kwargs(usecols):
+def _read_kwargs(usecols, sep=","):
   # Everything as strings: ids stay exact, empty fields become NaN; bad lines (a wrong number of
   # fields) are skipped with a ParserWarning that we count. All columns are parsed (pandas does not
   # check the field count of a line when `usecols` is given) and the wanted ones selected afterwards.
-  return dict(dtype=object, keep_default_na=False, na_values=[""],
+  return dict(sep=sep, dtype=object, keep_default_na=False, na_values=[""],
               on_bad_lines="warn", engine="c", low_memory=True)
 
 
@@ -89,7 +89,7 @@ def read_table(root: str, name: str, columns: Sequence[str], counters: Counters 
   return df[list(columns)]
 
 
-def _pyarrow_chunks(path, columns, chunk_rows, counters, label):
+def _pyarrow_chunks(path, columns, chunk_rows, counters, label, sep):
   import pyarrow as pa
   import pyarrow.csv as pacsv
   bad = [0]
@@ -98,10 +98,10 @@ def _pyarrow_chunks(path, columns, chunk_rows, counters, label):
     bad[0] += 1
     return "skip"
 
-  header = read_header(path)
+  header = read_header(path, sep)
   reader = pacsv.open_csv(
       path, read_options=pacsv.ReadOptions(block_size=max(1 << 20, chunk_rows * 128), use_threads=False),
-      parse_options=pacsv.ParseOptions(invalid_row_handler=on_bad, newlines_in_values=True),
+      parse_options=pacsv.ParseOptions(delimiter=sep, invalid_row_handler=on_bad, newlines_in_values=True),
       convert_options=pacsv.ConvertOptions(include_columns=list(columns),
                                            column_types={c: pa.string() for c in header},
                                            strings_can_be_null=True, quoted_strings_can_be_null=True))
@@ -114,8 +114,8 @@ def _pyarrow_chunks(path, columns, chunk_rows, counters, label):
     counters[f"{label}: malformed rows"] += bad[0]
 
 
-def _pandas_chunks(path, columns, chunk_rows, counters, label):
-  reader = pd.read_csv(path, chunksize=chunk_rows, **_read_kwargs(columns))
+def _pandas_chunks(path, columns, chunk_rows, counters, label, sep):
+  reader = pd.read_csv(path, chunksize=chunk_rows, **_read_kwargs(columns, sep))
   with reader:
     while True:
       with warnings.catch_warnings(record=True) as caught:
@@ -131,21 +131,23 @@ def _pandas_chunks(path, columns, chunk_rows, counters, label):
 
 
 def iter_chunks(path: str, columns: Sequence[str], chunk_rows: int = DEFAULT_CHUNK_ROWS,
-                counters: Counters | None = None, label: str = "", engine: str = "auto") -> Iterator[pd.DataFrame]:
+                counters: Counters | None = None, label: str = "", engine: str = "auto",
+                sep: str = ",") -> Iterator[pd.DataFrame]:
   """Stream `path` in chunks of about `chunk_rows` rows (memory bounded by the chunk, not the file).
 
   engine: 'pandas' (C parser; the default: measured peak memory flat in the table size) or 'pyarrow'
   (about 2.5x faster, but its read-ahead buffering was measured to grow the peak memory with the table
   size: 290 MB at 0.5 M rows, 755 MB at 6 M rows; see bench/bench_prepare.py). 'auto' reads the
   environment variable EHRXDIFF_CSV_ENGINE (default pandas). Both count lines with a wrong number of
-  fields as malformed and skip them; all values are strings, empty fields missing."""
-  require_columns(path, columns)
+  fields as malformed and skip them; all values are strings, empty fields missing. `sep`: the field
+  separator ('\t' for the tab-separated Chest ImaGenome files)."""
+  require_columns(path, columns, sep)
   if engine == "auto":
     engine = os.environ.get("EHRXDIFF_CSV_ENGINE", "pandas")
   if engine not in ("pandas", "pyarrow"):
     raise ValueError(f"unknown CSV engine {engine!r}: pandas | pyarrow")
   gen = _pyarrow_chunks if engine == "pyarrow" else _pandas_chunks
-  yield from gen(path, columns, chunk_rows, counters, label or path)
+  yield from gen(path, columns, chunk_rows, counters, label or path, sep)
 
 
 def parse_times(values: pd.Series, counters: Counters | None = None, label: str = "") -> pd.Series:

@@ -234,6 +234,7 @@ class _Maker:
                events=ev, prev_labels=self._labels(r, "prev"),
                target_labels=self._labels(r, "prev" if is_null else "target"), is_null=np.bool_(is_null),
                key=np.bytes_(("null_" if is_null else "") + r["meta"]["key"]),
+               imagenome_gold=np.bool_(r["meta"].get("imagenome_gold", False)),  # findings classifier: no training
                **demographics.encode_meta(r["meta"]))  # age, sex, race: the demographic classifier's labels
     if self.cached_latents:
       for k in ("target_moments", "prev_mean") + (("prev_logvar",) if is_null else ()):

@@ -88,6 +88,25 @@ def test_objective_loss_falls_on_a_tiny_batch():
     obj.loss(jax.device_get(state.params), bad, None, True)
 
 
+def test_training_ignores_gold_set_labels():
+  # The reference leaves the Chest ImaGenome gold-set patients out of the classifier's training split.
+  obj = IC.make_objective(load_config(TINY))
+  params = jax.jit(obj.init_params)(jax.random.key(0))
+  rng = np.random.default_rng(1)
+  b = obj.dummy_batch(4)
+  for k in ("prev_image", "target_image"):
+    b[k] = rng.uniform(-1, 1, b[k].shape).astype(np.float32)
+  for k in ("prev_labels", "target_labels"):
+    b[k] = (rng.random(b[k].shape) < 0.5).astype(np.float32)
+  gold = dict(b, imagenome_gold=np.array([True, False, False, True]))
+  hidden = {k: v.copy() for k, v in b.items()}
+  for k in ("prev_labels", "target_labels"):
+    hidden[k][[0, 3]] = np.nan
+  loss = jax.jit(lambda p, x, train: obj.loss(p, x, None, train)[0], static_argnums=2)
+  assert float(loss(params, gold, True)) == float(loss(params, hidden, True)) != float(loss(params, b, True))
+  assert float(loss(params, gold, False)) == float(loss(params, b, False))   # validation keeps them
+
+
 # ------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
@@ -99,7 +118,7 @@ def dataset(tmp_path_factory):
   out = os.path.join(root, "ds")
   db = os.path.join(root, "db")
   args = p.parse_args(["--mimic-iv", os.path.join(db, "mimic-iv"), "--mimic-cxr", os.path.join(db, "mimic-cxr"),
-                       "--out", out, "--image-size", "64", "--event-dim", "64", "--max-events", "32",
+                       "--chest-imagenome", os.path.join(db, "chest-imagenome"), "--out", out, "--image-size", "64", "--event-dim", "64", "--max-events", "32",
                        "--workers", "1", "--split-fractions", "1,0,0"])
   args.config_overrides = []
   assert prepare.run(args) == 0

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from data_prep import cohort, events, prepare, tables
-from data_prep.schema import CXR_COLUMNS, IMAGENOME_LABELS, MIMIC_COLUMNS
+from data_prep.schema import (CXR_COLUMNS, IMAGENOME_ATTRIBUTES, IMAGENOME_GOLD, IMAGENOME_LABELS, IMAGENOME_SILVER,
+                              IMAGENOME_SILVER_COLUMNS, MIMIC_COLUMNS)
 from ehrxdiff_jax import records as rec
 
 # ----------------------------------------------------------------------------- handmade database
@@ -118,8 +119,17 @@ def make_db(root, n_labs_extra=0, drop_column=None):
   _write(cxr, "mimic-cxr-2.0.0-chexpert",
          [dict(subject_id=s, study_id=st, **{"Edema": 1.0, "Cardiomegaly": -1.0}) for _, s, st, _, _ in images],
          CXR_COLUMNS["mimic-cxr-2.0.0-chexpert"])
-  pd.DataFrame([dict(dicom_id=d, study_id=st, subject_id=s, **{l: float(i % 2) for i, l in enumerate(IMAGENOME_LABELS)})
-                for d, s, st, _, _ in images]).to_csv(os.path.join(cxr, "chest_imagenome_labels.csv"), index=False)
+  # Chest ImaGenome 1.0.0 (its own release next to mimic-cxr/): finding i of every image but d5 is i % 2
+  # (d1 spelled with .dcm); the gold set holds subject 10000001 and a patient outside the cohort.
+  names = {col: name for name, col in IMAGENOME_ATTRIBUTES.items()}
+  silver = [dict(study_id=st, image_id=d + (".dcm" if d == "d1" else ""), row_id=f"{st}|{i}", bbox="left lung",
+                 relation=i % 2, label_name=names[l], categoryID="anatomicalfinding", sentence="")
+            for d, _, st, _, _ in images if d != "d5" for i, l in enumerate(IMAGENOME_LABELS)]
+  ig = os.path.join(root, "chest-imagenome")
+  for name, extra, rows in ((IMAGENOME_SILVER, [], silver),
+                            (IMAGENOME_GOLD, ["patient_id"], [dict(silver[0], patient_id=p) for p in (10000001, 19)])):
+    os.makedirs(os.path.dirname(os.path.join(ig, name)), exist_ok=True)
+    pd.DataFrame(rows, columns=extra + IMAGENOME_SILVER_COLUMNS).to_csv(os.path.join(ig, name), sep="\t", index=False)
   return iv, cxr
 
 
@@ -127,8 +137,9 @@ def run_prepare(iv, cxr, out, *extra):
   import argparse
   p = argparse.ArgumentParser()
   prepare.add_arguments(p)
+  imagenome = os.path.join(os.path.dirname(cxr), "chest-imagenome")   # as make_db and demo-data write it
   args = p.parse_args(["--mimic-iv", iv, "--mimic-cxr", cxr, "--out", out, "--image-size", "32",
-                       "--event-dim", "16", "--workers", "1", *extra])
+                       "--event-dim", "16", "--workers", "1", "--chest-imagenome", imagenome, *extra])
   args.config_overrides = []
   return prepare.run(args)
 
@@ -243,6 +254,18 @@ def test_prepare_end_to_end_handmade(db, tmp_path):
   assert r["prev_image"].shape == (32, 32) and r["prev_image"].dtype == np.uint8
   assert r["events"].dtype == np.float16 and r["events"].shape[1] == 16
   assert r["prev_labels_imagenome"].shape == (10,) and r["target_labels_chexpert"].shape == (14,)
+  # Chest ImaGenome from the release: finding i is i % 2 (d1's ids end in .dcm), d5 has no rows
+  index = pipeline.read_index(out, "train")
+  src = pipeline.data_source(out, "train")
+  for i, row in index.iterrows():
+    rec_i = src[int(row["record"])]
+    for which, dicom in (("prev", row["prev_dicom"]), ("target", row["trg_dicom"])):
+      want = np.full(10, np.nan, np.float32) if dicom == "d5" else np.arange(10, dtype=np.float32) % 2
+      np.testing.assert_array_equal(rec_i[f"{which}_labels_imagenome"], want)
+    assert rec_i["meta"]["imagenome_gold"] is True         # subject 10000001 is in the gold set
+  assert man["counters"]["labels imagenome: images without labels"] == 1
+  assert man["counters"]["labels imagenome: gold-set patients (no findings-classifier training)"] == 1
+  assert man["counters"]["labels imagenome: train samples of gold-set patients"] == 5
   # demographics in the meta: (2150 - 2150) + 60 years, patients.gender, admissions.race
   assert {k: r["meta"][k] for k in ("age", "sex", "race")} == dict(age=60.0, sex="F", race="WHITE")
   # overwrite refusal, then --overwrite replaces atomically

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from data_prep import schema, synthetic
+from data_prep import imagenome, schema, synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCHEMA_MD = os.path.join(os.path.dirname(ROOT), "shared", "reference", "mimic-schema.md")
@@ -32,10 +32,10 @@ def _cxr(root, name, **kw):
   return pd.read_csv(os.path.join(root, "mimic-cxr", name + ".csv.gz"), **kw)
 
 
-def _header(path):
+def _header(path, sep=","):
   opener = gzip.open if path.endswith(".gz") else open
   with opener(path, "rt", newline="") as f:
-    return next(csv.reader(f))
+    return next(csv.reader(f, delimiter=sep))
 
 
 def _frontal(root):
@@ -52,7 +52,9 @@ def test_every_file_has_the_schema_columns_in_order(demo):
     assert _header(path) == cols, table
   for name in ("mimic-cxr-2.0.0-metadata", "mimic-cxr-2.0.0-chexpert", "mimic-cxr-2.0.0-split"):
     assert _header(os.path.join(root, "mimic-cxr", name + ".csv.gz")) == schema.CXR_COLUMNS[name]
-  assert _header(os.path.join(root, "mimic-cxr", schema.IMAGENOME_FILE)) == schema.IMAGENOME_COLUMNS
+  ig = os.path.join(root, schema.IMAGENOME_DIR)
+  assert _header(os.path.join(ig, schema.IMAGENOME_SILVER), "\t") == schema.IMAGENOME_SILVER_COLUMNS
+  assert _header(os.path.join(ig, schema.IMAGENOME_GOLD), "\t") == schema.IMAGENOME_GOLD_COLUMNS
   assert len(schema.CHEXPERT_LABELS) == 14 and len(schema.IMAGENOME_LABELS) == 10
   assert "ORIGINALAMOUNT" in schema.MIMIC_COLUMNS["icu/procedureevents"]
 
@@ -85,8 +87,8 @@ def test_deterministic_per_seed(tmp_path):
   synthetic.generate(again, patients=4, seed=3, progress=False)
   files = sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
   assert files == sorted(os.path.relpath(os.path.join(d, f), again) for d, _, fs in os.walk(again) for f in fs)
-  csvs = [f for f in files if ".csv" in f]
-  assert len(csvs) == len(schema.MIMIC_COLUMNS) + 4
+  csvs = [f for f in files if ".csv" in f or f.endswith(".txt")]
+  assert len(csvs) == len(schema.MIMIC_COLUMNS) + 3 + 2   # + 3 MIMIC-CXR csvs + Chest ImaGenome silver and gold
   for f in csvs + [f for f in files if f.endswith(".jpg")][:20]:
     assert open(os.path.join(root, f), "rb").read() == open(os.path.join(again, f), "rb").read(), f
   other = str(tmp_path / "other")
@@ -190,7 +192,11 @@ def test_images_are_256_grey_jpegs_at_the_mimic_paths(demo):
 def test_labels_follow_the_state_and_the_pictures(demo):
   root, _ = demo
   meta = _frontal(root)
-  ig = pd.read_csv(os.path.join(root, "mimic-cxr", schema.IMAGENOME_FILE))
+  # the Chest ImaGenome release through the real reader (every finding is mentioned: no unknown label)
+  ig = imagenome.read_release(os.path.join(root, schema.IMAGENOME_DIR)).reset_index()
+  ig = ig.merge(meta[["dicom_id", "subject_id"]], on="dicom_id")
+  gold = imagenome.gold_subjects(os.path.join(root, schema.IMAGENOME_DIR))
+  assert gold and gold <= set(meta.subject_id)
   chex = _cxr(root, "mimic-cxr-2.0.0-chexpert")
   assert set(ig.dicom_id) == set(meta.dicom_id) and set(chex.study_id) == set(meta.study_id)
   for col in schema.CHEXPERT_LABELS:

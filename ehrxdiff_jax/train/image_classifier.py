@@ -6,7 +6,9 @@ Examples: both images of every sample, I_prev with the previous labels and I_trg
 resized to the classifier's input size and ImageNet-normalised inside the jitted step
 (`vit_classifier.imagenome_preprocess`). Loss: `vit_classifier.multilabel_bce`, the mean binary cross entropy
 over the known labels (NaN = unknown is ignored). AdamW from the config (the loop's optimiser); weight
-decay on the kernels only.
+decay on the kernels only. Training ignores the labels of the Chest ImaGenome gold-set patients (batch entry
+`imagenome_gold`, from the records' meta; `ehrxdiff prepare --chest-imagenome`), as the reference leaves them
+out of its classifier's training split; validation and evaluation keep them.
 
 Evaluation: `eval_metrics` gives, per validation batch, the loss, the accuracy and each finding's AUROC
 within the batch's 2B examples (`auroc/<finding in snake case>`; NaN where the batch lacks one of the two classes, so
@@ -119,8 +121,11 @@ class ImageClassifierObjective(Objective):
 
   # ---------------------------------------------------------------- objective
   def loss(self, params, batch, rng, train: bool):
-    del rng, train  # no dropout in the network; no augmentation
+    del rng  # no dropout in the network; no augmentation
     images, labels = self.examples(batch)
+    if train:  # the reference trains without the Chest ImaGenome gold-set patients: their labels count as unknown
+      gold = jnp.concatenate([batch["imagenome_gold"]] * 2, axis=0)
+      labels = jnp.where(gold[:, None], jnp.nan, labels)
     logits = self.logits(params, images)
     loss = V.multilabel_bce(logits, labels)
     known = ~jnp.isnan(labels)
@@ -157,7 +162,8 @@ class ImageClassifierObjective(Objective):
     return {"prev_image": np.zeros((batch_size, s, s, 3), np.float32),
             "target_image": np.zeros((batch_size, s, s, 3), np.float32),
             "prev_labels": np.zeros((batch_size, f), np.float32),
-            "target_labels": np.zeros((batch_size, f), np.float32)}
+            "target_labels": np.zeros((batch_size, f), np.float32),
+            "imagenome_gold": np.zeros((batch_size,), bool)}
 
 
 class DemographicsClassifierObjective(ImageClassifierObjective):
