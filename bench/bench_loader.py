@@ -1,14 +1,18 @@
 """Record layouts and loader throughput on paper-scale samples (two 256x256 images, up to 1024 x 1536
 events).
 
-    python bench/bench_loader.py [--samples 96] [--events 713] [--batch 8] [--workers 0,1,2]
+    python bench/bench_loader.py [--samples 96] [--events 713] [--batch 32] [--workers 0,1,2] [--loader-only]
 
 1. bytes per sample for candidate layouts (the issue's naive figure: 2 float32 images + 1024 x 1536
    float16 rows ~ 3.5 MB); event vectors are dense Gaussian unit vectors (like text-embedding-ada-002;
    hashing vectors are sparse and compress far better), images are smooth X-ray-like pictures with
    film-grain noise (PNG of real 256 px X-rays is in the same range);
 2. decode time per record for each layout;
-3. loader samples/s (make_loader, full batch assembly, float32 outputs) in-process and with workers.
+3. loader samples/s (make_loader: the host batches of CONTRIBUTING.md, uint8 images and float16 events) in
+   process and with grain workers, and in process with the transfer to the devices (parallel.to_global,
+   which sends only the valid event rows): samples/s and bytes host-to-device per sample, next to the bytes of
+   the former float32 host batch (3-channel float32 images, float32 events).
+Paper scale is the default: 713 valid events of 1024 x 1536, two 256 px images, batch 32.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data_prep import write  # noqa: E402
-from ehrxdiff_jax import pipeline  # noqa: E402
+from ehrxdiff_jax import batch_format, parallel, pipeline  # noqa: E402
 from ehrxdiff_jax import records as rec  # noqa: E402
 
 
@@ -89,22 +93,40 @@ def write_dataset(out, layout, samples, n_events, seed=0):
   return sum(s["bytes"] for s in shards) / samples, payloads
 
 
+def _loader(data_dir, batch, workers):
+  cfg = dict(image_size=256, w_null=False, augment_target=False, cached_latents=False, num_workers=workers)
+  it = iter(pipeline.make_loader(data_dir, "train", global_batch_size=batch, config_data=cfg, seed=0,
+                                 process_index=0, process_count=1, max_events=1024))
+  next(it)  # warm-up (worker start)
+  return it
+
+
+def _former_bytes(host) -> int:
+  """Bytes of the host batch as the loader built it before: float32 images with 3 channels, float32 events."""
+  grow = {k: 3 * 4 for k in batch_format.IMAGE_KEYS} | {k: 2 for k in batch_format.EVENT_KEYS}
+  return sum(v.nbytes * grow.get(k, 1) for k, v in parallel.device_batch(host).items() if k != parallel.EVENT_ROWS)
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--samples", type=int, default=96)
   ap.add_argument("--events", type=int, default=713, help="valid events per sample (paper mean 713)")
-  ap.add_argument("--batch", type=int, default=8)
+  ap.add_argument("--batch", type=int, default=32)
   ap.add_argument("--batches", type=int, default=8)
   ap.add_argument("--workers", default="0,1,2")
   ap.add_argument("--dir", default=None)
   ap.add_argument("--loader-layouts", default="raw images + event ids (shared table) + zstd:1;"
                                                "raw uint8 images + valid fp16 rows + zstd:1",
                   help="';'-separated layouts (names of the table) the loader is timed on")
+  ap.add_argument("--loader-only", action="store_true", help="write and time only the --loader-layouts")
   a = ap.parse_args(argv)
+  loader_layouts = a.loader_layouts.split(";")
   root = a.dir or tempfile.mkdtemp(prefix="bench_loader_")
   print(f"{'layout':<42} {'kB/sample':>10} {'decode ms':>10}")
   chosen = {}
   for name, layout in LAYOUTS.items():
+    if a.loader_only and name not in loader_layouts:
+      continue
     out = os.path.join(root, name.split(":")[0].replace(" ", "_").replace("+", "")[:40])
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out)
@@ -118,19 +140,32 @@ def main(argv=None):
       extra = "  (+ 3 kB per distinct event text in event_table.npy)"
     print(f"{name:<42} {per / 1e3:>10.1f} {ms:>10.2f}{extra}", flush=True)
     chosen[name] = out
-  for lay in a.loader_layouts.split(";"):
-    print(f"\nloader on '{lay}' ({a.events} valid events, max_events 1024, batch {a.batch}, float32 batches):")
+  import jax
+  from ehrxdiff_jax.config_util import load_config
+  mesh = parallel.make_mesh(load_config(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                     "configs", "base.py")))
+  for lay in loader_layouts:
+    print(f"\nloader on '{lay}' ({a.events} valid events, max_events 1024, batch {a.batch}, host batches):")
     for w in [int(x) for x in a.workers.split(",")]:
-      cfg = dict(image_size=256, w_null=False, augment_target=False, cached_latents=False, num_workers=w)
-      it = iter(pipeline.make_loader(chosen[lay], "train", global_batch_size=a.batch, config_data=cfg, seed=0,
-                                     process_index=0, process_count=1, max_events=1024))
-      next(it)  # warm-up (worker start)
+      it = _loader(chosen[lay], a.batch, w)
       t = time.perf_counter()
       for _ in range(a.batches):
         next(it)
       dt = time.perf_counter() - t
       print(f"  workers={w}: {a.batches * a.batch / dt:8.1f} samples/s", flush=True)
       del it
+    it, stats, former = _loader(chosen[lay], a.batch, 0), {}, 0
+    jax.block_until_ready(parallel.to_global(next(it), mesh))  # warm-up: compiles the event unpacking
+    t = time.perf_counter()
+    for _ in range(a.batches):
+      host = next(it)
+      former += _former_bytes(host)
+      jax.block_until_ready(parallel.to_global(host, mesh, stats=stats))
+    dt = time.perf_counter() - t
+    n = a.batches * a.batch
+    print(f"  workers=0 + to_global on {mesh.devices.size} {jax.devices()[0].platform} device(s): "
+          f"{n / dt:8.1f} samples/s, {stats['bytes'] / n / 1e6:.2f} MB host-to-device per sample "
+          f"(the former float32 host batch: {former / n / 1e6:.2f} MB)", flush=True)
   if not a.dir:
     shutil.rmtree(root, ignore_errors=True)
 

@@ -67,7 +67,7 @@ class VAEEncoder:
 
   def __init__(self, path: str, image_size: int, config_file: str | None = None):
     import jax
-    from ehrxdiff_jax import models
+    from ehrxdiff_jax import batch_format, models
     from ehrxdiff_jax.interop.vae import expected_vae_params
     from ehrxdiff_jax.train.checkpoint import resolve_step_dir
     from ehrxdiff_jax.train.vae import load_vae_params
@@ -97,8 +97,8 @@ class VAEEncoder:
 
     @jax.jit
     def encode(p, u8):
-      # The pipeline's conversion (pipeline._Batcher): uint8 * 2/255 - 1 in float32, grey -> 3 channels.
-      x = u8.astype(np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)
+      # The training step's conversion of the host batch's images (ehrxdiff_jax/batch_format.py).
+      x = batch_format.images_to_float(u8)
       x = jax.numpy.repeat(x[..., None], vae.in_channels, axis=-1)
       return vae.apply({"params": p}, x, method=vae.encode).moments
     self._encode = encode

@@ -9,10 +9,12 @@ boxed pytree to a `NamedSharding`:
   * an array with fewer than `c.mesh.min_shard_size` elements (and every unboxed leaf) is replicated.
 
 The batch is sharded on its leading axis over ('data', 'fsdp'); each process feeds its own rows
-(`process_batch_rows`) and `to_global` assembles the global `jax.Array`.
+(`process_batch_rows`) and `to_global` assembles the global `jax.Array` (sending only the event rows that
+can be non-zero).
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -20,6 +22,7 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -201,6 +204,9 @@ def rules_from_config(cfg) -> tuple:
                for k, v in cfg.mesh.rules)
 
 
+EVENT_ROWS = "event_rows"   # host batch entry (pipeline._Batcher): rows of `events` that can be non-zero
+
+
 def device_batch(batch: dict) -> dict:
   """The entries of a host batch that go to the devices (numbers and booleans; not `key` bytes)."""
   return {k: v for k, v in batch.items()
@@ -220,17 +226,81 @@ def process_batch_rows(mesh: Mesh, global_batch: int) -> tuple[int, int]:
   return start, stop
 
 
-def to_global(batch: dict, mesh: Mesh, global_batch: int | None = None) -> dict:
-  """Host-local batch (this process's rows) -> dict of global jax.Arrays sharded over the batch axes."""
+def _packed_rows(events: np.ndarray, rows: np.ndarray, granule: int) -> np.ndarray:
+  """The first rows[i] rows of every events[i], concatenated, zero-padded to a multiple of `granule` rows (a
+  few shapes, so a few compilations of the unpacking)."""
+  size = max(granule, -(-int(rows.sum()) // granule) * granule)
+  out = np.zeros((size,) + events.shape[2:], events.dtype)
+  offset = 0
+  for x, r in zip(events, rows):
+    out[offset:offset + r] = x[:r]
+    offset += r
+  return out
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _unpack_rows(packed, rows, max_events: int):
+  """_packed_rows inverted on the device: [R, D] + rows [b] -> [b, max_events, D] with zeros after rows[i]."""
+  start = jnp.cumsum(rows) - rows
+  slot = jnp.arange(max_events, dtype=jnp.int32)
+  valid = slot[None, :] < rows[:, None]
+  index = jnp.where(valid, start[:, None] + slot[None, :], 0)
+  return jnp.where(valid[..., None], packed[index], jnp.zeros((), packed.dtype))
+
+
+def _local_shards(sharding, shape, first_row: int):
+  """(device, slice of this process's rows) for every addressable device of a batch-sharded array."""
+  for device, index in sharding.addressable_devices_indices_map(tuple(shape)).items():
+    lo, hi, _ = index[0].indices(shape[0])
+    yield device, slice(lo - first_row, hi - first_row)
+
+
+def _put_events(events: np.ndarray, rows: np.ndarray, sharding, shape, first_row: int):
+  """`events` [b, E, D] (this process's rows; zero from row rows[i] on) -> (global array, bytes sent): each
+  device is sent only its samples' first rows, packed, and unpacks them itself."""
+  max_events = events.shape[1]
+  granule = max(1, max_events // 8)
+  rows = np.clip(np.asarray(rows, np.int32), 0, max_events)
+  pieces, sent, packed_of = [], 0, {}
+  for device, sl in _local_shards(sharding, shape, first_row):
+    key = (sl.start, sl.stop)
+    if key not in packed_of:
+      packed_of[key] = _packed_rows(events[sl], rows[sl], granule)
+    sent += packed_of[key].nbytes + rows[sl].nbytes
+    pieces.append(_unpack_rows(jax.device_put(packed_of[key], device), jax.device_put(rows[sl], device),
+                               max_events))
+  return jax.make_array_from_single_device_arrays(tuple(shape), sharding, pieces), sent
+
+
+def to_global(batch: dict, mesh: Mesh, global_batch: int | None = None, stats: dict | None = None) -> dict:
+  """Host-local batch (this process's rows) -> dict of global jax.Arrays sharded over the batch axes.
+
+  With the host batch's `event_rows` (pipeline: the rows of `events` that can be non-zero) only those rows
+  of `events` travel (`_put_events`); `event_rows` itself stays on the host. `stats`: adds the bytes sent
+  to the devices under 'bytes'."""
   sharding = batch_sharding(mesh)
-  out = {}
-  for k, v in device_batch(batch).items():
+  arrays = device_batch(batch)
+  rows = arrays.pop(EVENT_ROWS, None)
+  if not arrays:
+    return {}
+  local = next(iter(arrays.values())).shape[0]
+  n = local * jax.process_count() if global_batch is None else global_batch
+  first_row = 0 if jax.process_count() == 1 else process_batch_rows(mesh, n)[0]
+  out, sent = {}, 0
+  for k, v in arrays.items():
     v = np.asarray(v)
+    shape = (n,) + v.shape[1:]
+    if k == "events" and rows is not None:
+      out[k], b = _put_events(v, rows, sharding, shape, first_row)
+      sent += b
+      continue
     if jax.process_count() == 1:
       out[k] = jax.device_put(v, sharding)
     else:
-      n = v.shape[0] * jax.process_count() if global_batch is None else global_batch
-      out[k] = jax.make_array_from_process_local_data(sharding, v, (n,) + v.shape[1:])
+      out[k] = jax.make_array_from_process_local_data(sharding, v, shape)
+    sent += sum(v[sl].nbytes for _, sl in _local_shards(sharding, shape, first_row))
+  if stats is not None:
+    stats["bytes"] = stats.get("bytes", 0) + sent
   return out
 
 

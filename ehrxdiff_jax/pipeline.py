@@ -3,7 +3,7 @@
     loader = make_loader(data_dir, 'train', global_batch_size=128, config_data=cfg.data, seed=0,
                          max_events=1024)
     it = iter(loader)              # a grain DatasetIterator
-    batch = next(it)               # dict of numpy arrays, CONTRIBUTING.md's batch table (local batch)
+    batch = next(it)               # dict of numpy arrays, CONTRIBUTING.md's host batch (local batch)
     state = it.get_state()         # JSON-able; it.set_state(state) resumes exactly (save it with the
                                    # model checkpoint, e.g. grain.PyGrainCheckpointHandler or as JSON)
 
@@ -32,9 +32,10 @@ raises ValueError (EHRXDiff_w_null from cached latents: --config.data.augment_ta
 from the reference; or train from images). A w_null sample's target is I_prev, so its `target_moments`
 are the cached moments of I_prev: [prev_mean, prev_logvar].
 
-Batch size in memory: `events` dominates (float32 [B, 1024, 1536] is 6.3 MB per sample, 805 MB for a
-local batch of 128); config_data.events_dtype='float16' halves it (the records hold float16 anyway,
-so nothing is lost) -- the default stays float32 as in CONTRIBUTING.md's batch table.
+Host batch (CONTRIBUTING.md): the images stay grey uint8 [B, H, W] and the events float16 [B, E, D] as the
+records hold them, with `event_rows` [B] int32 (rows that can be non-zero: the valid events, 0 for a w_null
+sample); the jitted functions turn them into the device batch (float32, [-1, 1], 3 channels:
+ehrxdiff_jax/batch_format.py) and `parallel.to_global` sends only the first `event_rows` rows of each sample.
 
 Labels: config_data.labels ('imagenome' | 'chexpert'; default: imagenome when the dataset has it);
 CheXpert's -1 (uncertain) becomes NaN like an unknown label.
@@ -227,8 +228,7 @@ class _Maker:
     trg = prev if is_null else r["target_image"]
     if self.augment:
       trg = random_affine(trg, np.random.default_rng([self.seed, epoch, g, 1]))
-    # Images stay uint8 and events float16 (valid rows only) here; `_Batcher` writes them straight into
-    # the float32 batch arrays (one copy instead of three).
+    # Images stay uint8 and events float16 (valid rows only); `_Batcher` stacks them into the host batch.
     ev = None if is_null else np.asarray(r["events"][-self.max_events:])
     out = dict(prev_image=_resize(prev, self.image_size), target_image=_resize(trg, self.image_size),
                events=ev, prev_labels=self._labels(r, "prev"),
@@ -248,30 +248,26 @@ class _Maker:
 
 
 class _Batcher:
-  """Stacks examples into the batch dict: float32 images in [-1, 1] with 3 channels, zero-padded float32
-  events [B, max_events, D] with the mask (all True for null samples)."""
+  """Stacks examples into the host batch: uint8 grey images [B, H, W], zero-padded float16 events
+  [B, max_events, D] with the mask (all True for null samples) and `event_rows` (0 for null samples)."""
 
-  def __init__(self, max_events: int, event_dim: int, events_dtype: str = "float32"):
-    self.max_events, self.event_dim, self.events_dtype = max_events, event_dim, np.dtype(events_dtype)
+  def __init__(self, max_events: int, event_dim: int):
+    self.max_events, self.event_dim = max_events, event_dim
 
   def __call__(self, elements):
     b, e, dim = len(elements), self.max_events, self.event_dim
-    events = np.zeros((b, e, dim), self.events_dtype)
+    events = np.zeros((b, e, dim), np.float16)   # calloc: the padding pages are never written
     mask = np.zeros((b, e), bool)
+    rows = np.zeros((b,), np.int32)
     for i, x in enumerate(elements):
       if x["events"] is None:
         mask[i] = True
       else:
-        n = len(x["events"])
+        rows[i] = n = len(x["events"])
         events[i, :n] = x["events"]
         mask[i, :n] = True
-    out = {}
-    for k in ("prev_image", "target_image"):
-      img = np.stack([x[k] for x in elements]).astype(np.float32)
-      img *= 2.0 / 255.0
-      img -= 1.0
-      out[k] = np.repeat(img[..., None], 3, axis=3)
-    out["events"], out["event_mask"] = events, mask
+    out = {k: np.stack([x[k] for x in elements]) for k in ("prev_image", "target_image")}
+    out["events"], out["event_mask"], out["event_rows"] = events, mask, rows   # parallel.EVENT_ROWS
     for k in elements[0]:
       if k not in out:
         out[k] = np.stack([x[k] for x in elements])
@@ -323,8 +319,7 @@ def make_loader(data_dir: str, split: str, *, global_batch_size: int, config_dat
                  max_events=max_events, image_size=image_size, augment=augment, label_set=label_set,
                  cached_latents=cached)
   ds = grain.MapDataset.range(local_len).repeat(num_epochs).map_with_index(maker)
-  ds = ds.batch(local_bs, drop_remainder=drop_remainder, batch_fn=_Batcher(
-      max_events, int(man["event_dim"]), _cfg(config_data, "events_dtype", "float32")))
+  ds = ds.batch(local_bs, drop_remainder=drop_remainder, batch_fn=_Batcher(max_events, int(man["event_dim"])))
   num_workers = int(_cfg(config_data, "num_workers", 0) or 0)
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(_cfg(config_data, "read_threads", 0) or 0) or 1,
                                                prefetch_buffer_size=int(_cfg(config_data, "prefetch", 2) or 2)))

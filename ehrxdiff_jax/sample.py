@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ehrxdiff_jax import batch_format
 from ehrxdiff_jax import diffusion as dfn
 
 # ------------------------------------------------------------------------------------------- keys
@@ -139,8 +140,9 @@ def make_generate_fn(unet_apply: Callable, conditioner_apply: Callable, vae_deco
     vae_decode(vae_params, z [B,h,w,c]) -> image [B,H,W,3]
     vae_encode_mean(vae_params, image) -> VAE posterior mean [B,h,w,c] (needed unless the batch
       carries 'prev_mean', the cached latent)
-  params: {'unet', 'conditioner', 'vae'}; batch: the pipeline dict (only prev_image, events,
-  event_mask and the optional prev_mean are read; host-only entries such as 'key' are ignored).
+  params: {'unet', 'conditioner', 'vae'}; batch: the pipeline's host batch or a device batch (only prev_image,
+  events, event_mask and the optional prev_mean are read, through batch_format.to_device; host-only
+  entries such as 'key' are ignored).
   keys: [B] PRNG keys (`per_sample_keys`).
 
   One jitted program: conditioner (once) -> all denoising steps in a scan -> decode of z/scale_factor
@@ -168,6 +170,7 @@ def make_generate_fn(unet_apply: Callable, conditioner_apply: Callable, vae_deco
   z_channels = int(config.model.vae.embed_dim)
 
   def _generate(params, batch, keys):
+    batch = batch_format.to_device(batch)
     prev_image = _constrain(jnp.asarray(batch["prev_image"], jnp.float32), sharding)
     if "prev_mean" in batch:
       prev_mean = jnp.asarray(batch["prev_mean"], jnp.float32)

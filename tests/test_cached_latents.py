@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from data_prep import latents, synthetic
-from ehrxdiff_jax import models, pipeline
+from ehrxdiff_jax import batch_format, models, pipeline
 from micro import micro_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -118,7 +118,7 @@ def test_loader_and_ldm_loss_match_the_images_path(dataset, vae_run, tiny_config
   params = random_params(jax.eval_shape(lambda: models.init_ldm(cfg, jax.random.key(0))), 0)
   params = {**params, "vae": vae_run[2]}
   latents.check_dataset_latents(pipeline.read_manifest(out), cfg, params["vae"])
-  loss = jax.jit(lambda p, b: objective.loss(p, b, jax.random.key(7), train=False)[0])
+  loss = jax.jit(lambda p, b: objective.loss(p, batch_format.to_device(b), jax.random.key(7), train=False)[0])
   keep = ("prev_image", "target_image", "events", "event_mask")
   l_img = float(loss(params, {k: images[k] for k in keep}))
   l_lat = float(loss(params, {k: cached[k] for k in keep + ("target_moments", "prev_mean")}))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ehrxdiff_jax import augment, models, parallel
+from ehrxdiff_jax import augment, batch_format, models, parallel
 from ehrxdiff_jax.config_util import load_config
 from ehrxdiff_jax.train import clip as clip_lib
 from ehrxdiff_jax.train import loop
@@ -115,9 +115,10 @@ def test_objective_loss_uses_the_global_batch(trainer):
   batch = trainer.put_batch(host)
   rng = jax.random.key(5)
   with jax.set_mesh(trainer.mesh):
-    loss, m = jax.jit(lambda p, b: obj.loss(p, b, rng, train=False))(state.params, batch)
+    loss, m = jax.jit(lambda p, b: obj.loss(p, batch_format.to_device(b), rng, train=False))(state.params, batch)
   params = jax.device_get(state.params)
-  img, tab = obj.embeddings(params, {k: jnp.asarray(v) for k, v in host.items()}, rng, train=False)
+  img, tab = obj.embeddings(params, batch_format.to_device({k: jnp.asarray(v) for k, v in host.items()}), rng,
+                            train=False)
   want, acc_i, acc_e = np_contrastive(np.asarray(img), np.asarray(tab), float(params["logit_scale"]))
   np.testing.assert_allclose(float(loss), want, rtol=1e-4)
   np.testing.assert_allclose(float(m["acc_img2ev"]), acc_i)

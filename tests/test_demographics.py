@@ -10,6 +10,7 @@ import pytest
 from scipy import stats
 from sklearn.metrics import roc_auc_score
 
+from ehrxdiff_jax import batch_format
 from ehrxdiff_jax.config_util import load_config
 from ehrxdiff_jax.evaluate import demographics as D
 from ehrxdiff_jax.evaluate import vit_classifier as V
@@ -130,9 +131,9 @@ def test_objective_trains_and_validation_report_is_table6():
   trainer = Trainer(cfg, obj, parallel.make_mesh(cfg))
   state = trainer.init_state()
   rng = np.random.default_rng(0)
-  b = obj.dummy_batch(8)
+  b = batch_format.host_template(obj.dummy_batch(8))   # a host batch: uint8 grey images
   for k in ("prev_image", "target_image"):
-    b[k] = rng.uniform(-1, 1, b[k].shape).astype(np.float32)
+    b[k] = rng.integers(0, 256, b[k].shape, dtype=np.uint8)
   b["age"] = rng.uniform(20, 90, 8).astype(np.float32)
   b["age"][0] = np.nan
   b["sex"] = np.array([0, 1] * 4, np.float32)
@@ -148,7 +149,8 @@ def test_objective_trains_and_validation_report_is_table6():
   # the validation report = Table 6's metrics of the objective's predictions on both images of each sample
   scalars, images = obj.validation_report(trainer, state, [b])
   params = jax.device_get(state.params)
-  pred = jax.device_get(jax.jit(obj.predict)(params, np.concatenate([b["prev_image"], b["target_image"]])))
+  both = batch_format.device_images(np.concatenate([b["prev_image"], b["target_image"]]))
+  pred = jax.device_get(jax.jit(obj.predict)(params, both))
   twice = {k: np.concatenate([b[k], b[k]]) for k in ("age", "sex", "race")}
   want = D.table6_metrics(twice["age"], twice["sex"], twice["race"], pred["age"], pred["sex"], pred["race"])
   assert set(scalars) == {"age_r", "sex_auroc", "race_auroc"} and images == {}

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 
+from ehrxdiff_jax import batch_format
 from ehrxdiff_jax import train as train_registry
 from ehrxdiff_jax.commands import evaluate as E
 from ehrxdiff_jax.config_util import load_config
@@ -62,9 +63,9 @@ def test_objective_loss_falls_on_a_tiny_batch():
   trainer = Trainer(cfg, obj, parallel.make_mesh(cfg))
   state = trainer.init_state()
   rng = np.random.default_rng(0)
-  b = obj.dummy_batch(8)
+  b = batch_format.host_template(obj.dummy_batch(8))   # a host batch: uint8 grey images
   for k in ("prev_image", "target_image"):
-    b[k] = rng.uniform(-1, 1, b[k].shape).astype(np.float32)
+    b[k] = rng.integers(0, 256, b[k].shape, dtype=np.uint8)
   for k in ("prev_labels", "target_labels"):
     b[k] = (rng.random(b[k].shape) < 0.5).astype(np.float32)
   b["prev_labels"][0, :3] = np.nan   # unknown labels are ignored

@@ -14,8 +14,9 @@ from ehrxdiff_jax import records as rec
 D, S = 8, 16  # event width, image size
 
 
-def make_dataset(out, n=12, n_targets=None, split="train", records_per_shard=5, extra=None):
-  """n samples; sample i has i % 7 + 1 events whose rows are all i+1; target dicom t{i % n_targets}."""
+def make_dataset(out, n=12, n_targets=None, split="train", records_per_shard=5, extra=None, random_events=False):
+  """n samples; sample i has i % 7 + 1 events whose rows are all i+1 (random float16 values with
+  `random_events`); target dicom t{i % n_targets}."""
   os.makedirs(out, exist_ok=True)
   n_targets = n_targets or n
   rng = np.random.default_rng(0)
@@ -24,7 +25,8 @@ def make_dataset(out, n=12, n_targets=None, split="train", records_per_shard=5, 
     k = i % 7 + 1
     prev = (rng.random((S, S)) * 255).astype(np.uint8)
     trg = np.full((S, S), 200, np.uint8)
-    arrays = dict(prev_image=prev, target_image=trg, events=np.full((k, D), i + 1, np.float16),
+    events = rng.normal(size=(k, D)).astype(np.float16) if random_events else np.full((k, D), i + 1, np.float16)
+    arrays = dict(prev_image=prev, target_image=trg, events=events,
                   prev_labels_chexpert=np.array([1, 0, -1, np.nan] + [0] * 10, np.float32),
                   target_labels_chexpert=np.ones(14, np.float32))
     arrays.update((extra or {}))
@@ -57,13 +59,12 @@ def ds(tmp_path_factory):
 
 
 def test_batch_format(ds):
-  b = next(iter(loader(ds)))
-  assert b["prev_image"].shape == (4, S, S, 3) and b["prev_image"].dtype == np.float32
-  assert b["target_image"].shape == (4, S, S, 3)
-  assert -1 <= b["prev_image"].min() and b["prev_image"].max() <= 1
-  assert np.allclose(b["target_image"], 200 / 127.5 - 1, atol=1e-6)
-  assert b["events"].shape == (4, 10, D) and b["events"].dtype == np.float32
+  b = next(iter(loader(ds)))   # the host batch (CONTRIBUTING.md)
+  assert b["prev_image"].shape == (4, S, S) and b["prev_image"].dtype == np.uint8
+  assert b["target_image"].shape == (4, S, S) and (b["target_image"] == 200).all()
+  assert b["events"].shape == (4, 10, D) and b["events"].dtype == np.float16
   assert b["event_mask"].shape == (4, 10) and b["event_mask"].dtype == bool
+  assert b["event_rows"].dtype == np.int32 and (b["event_rows"] == b["event_mask"].sum(1)).all()
   assert b["prev_labels"].shape == (4, 14) and b["target_labels"].dtype == np.float32
   assert np.isnan(b["prev_labels"][:, 2]).all() and np.isnan(b["prev_labels"][:, 3]).all()  # -1 and unknown
   assert b["is_null"].dtype == bool and not b["is_null"].any()
@@ -75,9 +76,48 @@ def test_batch_format(ds):
     assert (b["events"][j, :k] == i + 1).all() and (b["events"][j, k:] == 0).all()
 
 
-def test_events_dtype_option(ds):
-  b = next(iter(loader(ds, cfg=dict(events_dtype="float16"))))
-  assert b["events"].dtype == np.float16
+def _former_host_batch(b):
+  """The device-format batch the loader built on the host before (pipeline._Batcher up to 04270b7)."""
+  out = {}
+  for k in ("prev_image", "target_image"):
+    img = np.stack(b[k]).astype(np.float32)
+    img *= 2.0 / 255.0
+    img -= 1.0
+    out[k] = np.repeat(img[..., None], 3, axis=3)
+  out["events"] = b["events"].astype(np.float32)
+  return out
+
+
+def test_device_batch_equals_the_former_host_batch(tmp_path):
+  import jax
+  from ehrxdiff_jax import batch_format, parallel
+  n = len(jax.devices())
+  d = make_dataset(str(tmp_path / "ds"), n=3 * n, n_targets=n, random_events=True)
+  host = next(iter(loader(d, bs=2 * n, cfg=dict(w_null=True, augment_target=True))))  # real and w_null samples
+  assert host["is_null"].any() and (host["event_rows"][host["is_null"]] == 0).all()
+  mesh = jax.make_mesh((n, 1), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  stats = {}
+  arrays = parallel.to_global({k: host[k] for k in ("prev_image", "target_image", "events", "event_mask",
+                                                    "event_rows")}, mesh, stats=stats)
+  assert "event_rows" not in arrays and arrays["events"].shape == (2 * n, 10, D)
+  device = jax.device_get(jax.jit(batch_format.to_device)(arrays))
+  want = _former_host_batch(host)
+  for k in ("prev_image", "target_image"):   # bit for bit
+    assert device[k].dtype == np.float32 and device[k].shape == (2 * n, S, S, 3)
+    np.testing.assert_array_equal(device[k].view(np.uint32), want[k].view(np.uint32))
+  assert device["events"].dtype == np.float32
+  np.testing.assert_array_equal(device["events"], want["events"])   # float16 values exactly, zeros after
+  np.testing.assert_array_equal(device["event_mask"], host["event_mask"])
+  # only the valid event rows travel (packed per device, in blocks of max_events // 8 = 1 row here)
+  valid = int(host["event_rows"].sum()) * D * 2
+  images = 2 * host["prev_image"].nbytes
+  assert stats["bytes"] == images + valid + host["event_mask"].nbytes + host["event_rows"].nbytes
+  assert stats["bytes"] < images + host["events"].nbytes
+  # every uint8 value, jitted and eager, against the former formula
+  u8 = np.arange(256, dtype=np.uint8)
+  former = u8.astype(np.float32) * np.float32(2 / 255) - np.float32(1)
+  for got in (np.asarray(jax.jit(batch_format.images_to_float)(u8)), np.asarray(batch_format.images_to_float(u8))):
+    np.testing.assert_array_equal(got.view(np.uint32), former.view(np.uint32))
 
 
 def keys(it, n):
@@ -120,14 +160,14 @@ def test_w_null_and_augmentation(tmp_path):
   b = next(it)
   null = b["is_null"]
   assert null.sum() == 4 and len(set(b["key"].tolist())) == 16
-  assert b["event_mask"][null].all() and (b["events"][null] == 0).all()
+  assert b["event_mask"][null].all() and (b["events"][null] == 0).all() and (b["event_rows"][null] == 0).all()
   assert np.array_equal(b["target_labels"][null], b["prev_labels"][null], equal_nan=True)
   # real targets (constant 200) are rotated/scaled: black (fill) pixels appear in the corners
   real_t = b["target_image"][~null]
-  assert (real_t == -1).any() and (np.isclose(real_t, 200 / 127.5 - 1)).mean() > 0.5
+  assert (real_t == 0).any() and (real_t == 200).mean() > 0.5
   # null targets are the (augmented) prev image: mostly equal pixels, not identical
   for j in np.flatnonzero(null):
-    same = np.isclose(b["target_image"][j], b["prev_image"][j]).mean()
+    same = (b["target_image"][j] == b["prev_image"][j]).mean()
     assert 0.05 < same < 1.0 or np.array_equal(b["target_image"][j], b["prev_image"][j])
   # deterministic per seed and sample
   b2 = next(iter(loader(d, bs=16, cfg=dict(w_null=True, augment_target=True), num_epochs=1)))
@@ -136,7 +176,7 @@ def test_w_null_and_augmentation(tmp_path):
   src = pipeline.data_source(d, "train")
   j = int(np.flatnonzero(~null)[0])
   i = int(b["key"][j].split(b"_")[0][1:])
-  assert np.allclose(b["prev_image"][j, :, :, 0], src[i]["prev_image"] / 127.5 - 1, atol=1e-6)
+  assert np.array_equal(b["prev_image"][j], src[i]["prev_image"])
 
 
 def test_random_affine_conventions():

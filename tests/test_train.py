@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from ehrxdiff_jax import cli, parallel
+from ehrxdiff_jax import batch_format, cli, parallel
 from ehrxdiff_jax.train import state as state_lib
 from ehrxdiff_jax.train.checkpoint import Checkpointer
 from ehrxdiff_jax.train.loop import NonFiniteLoss, SyntheticBatches, Trainer, fit
@@ -327,8 +327,8 @@ def test_ldm_sample_hook_writes_prev_pred_target_grid(tmp_path):
   batch = SyntheticBatches(make_objective(cfg).dummy_batch(1), b, seed=10_000 + int(cfg.data.shuffle_seed)).batch(0)
   to_pixels = lambda x: np.round(np.clip((x + 1) / 2, 0, 1) * 255).astype(np.uint8)  # noqa: E731
   prev, pred, target = grid[:, :s], grid[:, s:2 * s], grid[:, 2 * s:]
-  np.testing.assert_array_equal(prev, to_pixels(np.concatenate(list(batch["prev_image"]), 0)))
-  np.testing.assert_array_equal(target, to_pixels(np.concatenate(list(batch["target_image"]), 0)))
+  for shown, k in ((prev, "prev_image"), (target, "target_image")):   # the host batch's uint8 grey images
+    np.testing.assert_array_equal(shown, to_pixels(np.concatenate(list(batch_format.device_images(batch[k])), 0)))
   assert not np.array_equal(pred, prev) and pred.std() > 0
   [(step, height, width, png)] = tb_images(tmp_path / "tb")["samples/prev_pred_target"]
   assert (step, height, width) == (2, b * s, 3 * s) and png[:8] == b"\x89PNG\r\n\x1a\n"

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ehrxdiff_jax import models
+from ehrxdiff_jax import batch_format, models
 from ehrxdiff_jax.nn.layers import Dense, compute_dtype, partitioned
 from ehrxdiff_jax.nn.table import TableTower, pool_tokens
 from ehrxdiff_jax.nn.vit import as_dtype
@@ -165,7 +165,7 @@ def make_objective(cfg) -> TableClassifierObjective:
 def predict_fn(trainer):
   """A jitted (params, global batch) -> probabilities [B, L] on the trainer's mesh."""
   obj = trainer.objective
-  fn = jax.jit(lambda p, b: jax.nn.sigmoid(obj.logits(p, b)),
+  fn = jax.jit(lambda p, b: jax.nn.sigmoid(obj.logits(p, batch_format.to_device(b))),
                in_shardings=(trainer.state_shardings.params, trainer.batch_sharding),
                out_shardings=trainer.replicated)
 

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ehrxdiff_jax import batch_format
 from ehrxdiff_jax.evaluate import vit_classifier as V
 from ehrxdiff_jax.evaluate.demographics import RACE_GROUPS, table6_metrics
 from ehrxdiff_jax.nn.layers import compute_dtype
@@ -243,7 +244,7 @@ def _predictions(trainer, state, batches: Iterable[dict], num_batches: int | Non
   """([predict(params, examples) per batch], [labels_of(host batch) per batch]) over `batches`, the
   prediction jitted on the trainer's mesh; the examples are both images of every sample."""
   obj = trainer.objective
-  fn = jax.jit(lambda p, b: predict(p, obj.examples(b)[0]),
+  fn = jax.jit(lambda p, b: predict(p, obj.examples(batch_format.to_device(b))[0]),
                in_shardings=(trainer.state_shardings.params, trainer.batch_sharding),
                out_shardings=trainer.replicated)
   preds, labels = [], []

@@ -16,7 +16,7 @@ import jax.experimental.multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
-from ehrxdiff_jax import diffusion, models
+from ehrxdiff_jax import batch_format, diffusion, models
 from ehrxdiff_jax.train.objective import Objective
 
 
@@ -123,8 +123,9 @@ class LDMObjective(Objective):
       with jax.set_mesh(trainer.mesh):
         images = jax.device_get(jax.experimental.multihost_utils.process_allgather(
             generate(params, batch, keys), tiled=True))
-      prev = host_batch["prev_image"]
-      target = host_batch.get("target_image", np.zeros_like(prev))
+      prev = np.asarray(batch_format.device_images(host_batch["prev_image"]))
+      target = np.asarray(batch_format.device_images(host_batch["target_image"])) if "target_image" in host_batch \
+          else np.zeros_like(prev)
       rows = [np.concatenate([prev[i], images[i], target[i]], axis=1) for i in range(prev.shape[0])]
       writer.image(step, "samples/prev_pred_target", np.clip((np.concatenate(rows, 0) + 1) / 2, 0, 1))
     return hook

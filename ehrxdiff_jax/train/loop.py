@@ -31,7 +31,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ehrxdiff_jax import parallel
+from ehrxdiff_jax import batch_format, parallel
 from ehrxdiff_jax.train import state as state_lib
 from ehrxdiff_jax.train.objective import Objective
 from ehrxdiff_jax.train.state import TrainState
@@ -92,15 +92,16 @@ def compiled_flops(compiled) -> float | None:
 
 
 class SyntheticBatches:
-  """Deterministic random batches with the objective's batch format: an in-memory, checkpointable
-  iterator (grain's checkpoint handler API: get_state() -> bytes, set_state(bytes)).
+  """Deterministic random host batches for an objective's `dummy_batch` template (in the host format of
+  batch_format.host_template: uint8 images, float16 events): an in-memory, checkpointable iterator
+  (grain's checkpoint handler API: get_state() -> bytes, set_state(bytes)).
 
   Batch i of the global stream depends only on (seed, i); a process yields rows [start, stop) of it,
   so any number of processes reproduce the same global batches.
   """
 
   def __init__(self, template: dict, global_batch: int, seed: int = 0, rows: tuple[int, int] | None = None):
-    self.template = {k: np.asarray(v) for k, v in template.items()}
+    self.template = batch_format.host_template(template)
     self.global_batch = int(global_batch)
     self.seed = int(seed)
     self.rows = rows or (0, self.global_batch)
@@ -116,6 +117,8 @@ class SyntheticBatches:
       shape = (self.global_batch,) + v.shape[1:]
       if v.dtype == np.bool_:
         out[k] = rng.random(shape) < 0.8
+      elif v.dtype == np.uint8:
+        out[k] = rng.integers(0, 256, shape, dtype=np.uint8)
       elif np.issubdtype(v.dtype, np.integer):
         out[k] = rng.integers(0, 2, shape).astype(v.dtype)
       else:
@@ -248,6 +251,7 @@ class Trainer:
     return l_sum * inv, jax.tree.map(lambda x: x * inv, a_sum), jax.tree.map(lambda g: g * inv, g_sum)
 
   def _train_step(self, state: TrainState, batch: dict):
+    batch = batch_format.to_device(batch)
     rng = jax.random.fold_in(state.rng, state.step)
     loss, aux, grads = self._grads(state.params, batch, rng, state.step)
     train_p = state_lib.trainable_params(state.params, self.objective.trainable_keys)
@@ -263,12 +267,12 @@ class Trainer:
     return state.replace(step=step, params=params, opt_state=opt_state, ema_params=ema), metrics
 
   def _eval_step(self, state: TrainState, batch: dict, rng):
-    return self.objective.eval_metrics(state.params, state.ema_params, batch, rng)
+    return self.objective.eval_metrics(state.params, state.ema_params, batch_format.to_device(batch), rng)
 
   def batch_spec(self, batch_size: int | None = None) -> dict:
-    """ShapeDtypeStructs of a global batch (device entries only) for lowering."""
+    """ShapeDtypeStructs of a global host batch (device entries only) for lowering."""
     b = self.global_batch if batch_size is None else batch_size
-    template = parallel.device_batch(self.objective.dummy_batch(1))
+    template = parallel.device_batch(batch_format.host_template(self.objective.dummy_batch(1)))
     return {k: jax.ShapeDtypeStruct((b,) + v.shape[1:], v.dtype, sharding=self.batch_sharding)
             for k, v in template.items()}
 
@@ -292,13 +296,16 @@ class Trainer:
     with jax.set_mesh(self.mesh):
       return self._eval(state, batch, rng)
 
-  def put_batch(self, host_batch: dict) -> dict:
-    """This process's rows -> global arrays; only the entries the objective consumes travel."""
+  def put_batch(self, host_batch: dict, stats: dict | None = None) -> dict:
+    """This process's rows of a host batch -> global arrays; only the entries the objective consumes travel
+    (the events' rows up to `event_rows` where the batch has it). `stats`: see parallel.to_global."""
     missing = [k for k in self.batch_keys if k not in host_batch]
     if missing:
       raise KeyError(f"the batch lacks {missing} that objective {self.objective.name!r} needs "
                      f"(has {sorted(host_batch)})")
-    return parallel.to_global({k: host_batch[k] for k in self.batch_keys}, self.mesh, self.global_batch)
+    keys = self.batch_keys + ((parallel.EVENT_ROWS,) if "events" in self.batch_keys else ())
+    return parallel.to_global({k: host_batch[k] for k in keys if k in host_batch}, self.mesh, self.global_batch,
+                              stats)
 
   def mfu(self, steps_per_second: float) -> float | None:
     peak = peak_flops(self.mesh.devices.flat[0])

@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ehrxdiff_jax import models
+from ehrxdiff_jax import batch_format, models
 from ehrxdiff_jax.nn.discriminator import NLayerDiscriminator, dcgan_init, generator_loss, hinge_d_loss
 from ehrxdiff_jax.nn.lpips import LPIPS, lpips_params
 from ehrxdiff_jax.nn.vae import Decoder
@@ -251,8 +251,9 @@ def make_objective(cfg) -> VAEObjective:
 
 
 def reconstruction_grid(objective: VAEObjective, vae_params, images, path: str | None = None, n: int = 8) -> np.ndarray:
-  """uint8 [2*H, n*W, 3]: inputs (top row) over posterior-mode reconstructions (bottom); PNG if `path`."""
-  x = jnp.asarray(np.asarray(images)[:n], jnp.float32)
+  """uint8 [2*H, n*W, 3]: inputs (top row) over posterior-mode reconstructions (bottom); PNG if `path`.
+  `images`: host-batch (uint8 grey) or device-batch images."""
+  x = jnp.asarray(batch_format.device_images(jnp.asarray(np.asarray(images)[:n])), jnp.float32)
   rec = jax.jit(lambda p, v: objective.reconstruct(p, v)[0])(vae_params, x)
   rec = np.clip(np.asarray(jax.device_get(rec)), -1, 1)
   rows = [np.concatenate(list(np.asarray(x)), axis=1), np.concatenate(list(rec), axis=1)]
