@@ -119,7 +119,8 @@ def dataset(tmp_path_factory):
   out = os.path.join(root, "ds")
   db = os.path.join(root, "db")
   args = p.parse_args(["--mimic-iv", os.path.join(db, "mimic-iv"), "--mimic-cxr", os.path.join(db, "mimic-cxr"),
-                       "--chest-imagenome", os.path.join(db, "chest-imagenome"), "--out", out, "--image-size", "64", "--event-dim", "64", "--max-events", "32",
+                       "--chest-imagenome", os.path.join(db, "chest-imagenome"), "--out", out,
+                       "--image-size", "64", "--event-dim", "64", "--max-events", "32",
                        "--workers", "1", "--split-fractions", "1,0,0"])
   args.config_overrides = []
   assert prepare.run(args) == 0

@@ -97,9 +97,9 @@ def test_streamed_reader_equals_the_reference_rule_on_a_random_file(tmp_path):
   for _ in range(900):
     study = int(rng.integers(1, 15))
     image = f"i{study}-{int(rng.integers(2))}" + (".dcm" if rng.random() < 0.4 else "")
-    rows.append(_row(study, image, int(rng.integers(1, 13)), ["left lung", "right lung", "mediastinum"][rng.integers(3)],
-                     attrs[rng.integers(len(attrs))], int(rng.integers(2)),
-                     ["anatomicalfinding", "disease", "nlp"][rng.integers(3)]))
+    box = ["left lung", "right lung", "mediastinum"][rng.integers(3)]
+    rows.append(_row(study, image, int(rng.integers(1, 13)), box, attrs[rng.integers(len(attrs))],
+                     int(rng.integers(2)), ["anatomicalfinding", "disease", "nlp"][rng.integers(3)]))
   path = _write(str(tmp_path / "attribute_relations_tabular.txt"), rows)
   want = _reference_rule(pd.read_csv(path, sep="\t"))
   want = want.rename(columns=schema.IMAGENOME_ATTRIBUTES).reindex(columns=schema.IMAGENOME_LABELS)

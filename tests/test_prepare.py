@@ -302,7 +302,7 @@ def test_demo_database_end_to_end(tmp_path):
   it = iter(pipeline.make_loader(out, split, global_batch_size=2, config_data=cfg, seed=0, max_events=64,
                                  process_index=0, process_count=1))
   b = next(it)
-  assert b["prev_image"].shape == (2, 32, 32, 3) and b["events"].shape == (2, 64, 16)
+  assert b["prev_image"].shape == (2, 32, 32) and b["events"].shape == (2, 64, 16)   # the host batch
   assert b["event_mask"].dtype == bool and b["event_mask"].any()
   # patient-disjoint splits
   subjects = [set(pipeline.read_index(out, s)["subject_id"]) for s in man["splits"]]

@@ -62,8 +62,8 @@ def run(args) -> int:
     _run(["demo-data", "--out", db, "--patients", str(args.patients), "--seed", str(args.seed)])
   if not os.path.exists(os.path.join(data, "manifest.json")):
     _run(["prepare", "--mimic-iv", os.path.join(db, "mimic-iv"), "--mimic-cxr", os.path.join(db, "mimic-cxr"),
-          "--chest-imagenome", os.path.join(db, "chest-imagenome"), "--out", data, "--image-size", "64", "--event-dim", "64", "--max-events", "32",
-          "--split-fractions", "0.7,0.15,0.15", "--seed", str(args.seed)])
+          "--chest-imagenome", os.path.join(db, "chest-imagenome"), "--out", data, "--image-size", "64",
+          "--event-dim", "64", "--max-events", "32", "--split-fractions", "0.7,0.15,0.15", "--seed", str(args.seed)])
 
   for name, config, steps in TRAINING:
     argv = ["train", "--config", os.path.join(CONFIGS, config), "--data", data,
