@@ -76,11 +76,13 @@ class ShardedSource:
   """Random access over one split's shards: `src[i]` -> decoded record dict (see records.py).
 
   Shard sizes and record counts are checked against the manifest when opened, and read / decode
-  errors name the shard, so a corrupted or truncated shard is reported as such."""
+  errors name the shard, so a corrupted or truncated shard is reported as such. With the shared event table
+  the record's `event_ids` become its `events` rows, unless `gather_events=False` (the loader gathers them
+  straight into its batch)."""
 
-  def __init__(self, data_dir: str, split: str, decode: bool = True):
+  def __init__(self, data_dir: str, split: str, decode: bool = True, gather_events: bool = True):
     from array_record.python.array_record_data_source import ArrayRecordDataSource
-    self.data_dir, self.split, self.decode = data_dir, split, decode
+    self.data_dir, self.split, self.decode, self.gather_events = data_dir, split, decode, gather_events
     man = read_manifest(data_dir)
     if split not in man["splits"]:
       raise KeyError(f"{data_dir}: no split {split!r}; splits are {sorted(man['splits'])}")
@@ -122,7 +124,7 @@ class ShardedSource:
       r = rec.decode_record(raw)
     except rec.RecordError as e:
       raise ValueError(f"corrupted shard {self.shard_of(index)}: record {index}: {e}") from None
-    if "event_ids" in r and self.event_table is not None:
+    if "event_ids" in r and self.event_table is not None and self.gather_events:
       r["events"] = np.asarray(self.event_table[r.pop("event_ids")])
     return r
 
@@ -200,7 +202,7 @@ class _Maker:
   @property
   def src(self):
     if self._src is None:
-      self._src = ShardedSource(self.data_dir, self.split)
+      self._src = ShardedSource(self.data_dir, self.split, gather_events=False)  # _Batcher gathers in place
     return self._src
 
   def sample_index(self, i: int) -> tuple[int, int]:
@@ -228,8 +230,9 @@ class _Maker:
     trg = prev if is_null else r["target_image"]
     if self.augment:
       trg = random_affine(trg, np.random.default_rng([self.seed, epoch, g, 1]))
-    # Images stay uint8 and events float16 (valid rows only); `_Batcher` stacks them into the host batch.
-    ev = None if is_null else np.asarray(r["events"][-self.max_events:])
+    # Images stay uint8 and events float16 (valid rows only, or their ids in the shared event table);
+    # `_Batcher` stacks and gathers them into the host batch.
+    ev = None if is_null else np.asarray((r["events"] if "events" in r else r["event_ids"])[-self.max_events:])
     out = dict(prev_image=_resize(prev, self.image_size), target_image=_resize(trg, self.image_size),
                events=ev, prev_labels=self._labels(r, "prev"),
                target_labels=self._labels(r, "prev" if is_null else "target"), is_null=np.bool_(is_null),
@@ -249,10 +252,21 @@ class _Maker:
 
 class _Batcher:
   """Stacks examples into the host batch: uint8 grey images [B, H, W], zero-padded float16 events
-  [B, max_events, D] with the mask (all True for null samples) and `event_rows` (0 for null samples)."""
+  [B, max_events, D] with the mask (all True for null samples) and `event_rows` (0 for null samples). An
+  example's events are rows, or (event_layout 'table') ids gathered from `event_table` straight into the batch."""
 
-  def __init__(self, max_events: int, event_dim: int):
-    self.max_events, self.event_dim = max_events, event_dim
+  def __init__(self, max_events: int, event_dim: int, event_table: str | None = None):
+    self.max_events, self.event_dim, self.event_table = max_events, event_dim, event_table
+    self._table = None
+
+  def __getstate__(self):
+    return dict(self.__dict__, _table=None)
+
+  @property
+  def table(self) -> np.ndarray:
+    if self._table is None:
+      self._table = np.load(self.event_table, mmap_mode="r")
+    return self._table
 
   def __call__(self, elements):
     b, e, dim = len(elements), self.max_events, self.event_dim
@@ -264,7 +278,10 @@ class _Batcher:
         mask[i] = True
       else:
         rows[i] = n = len(x["events"])
-        events[i, :n] = x["events"]
+        if x["events"].ndim == 1:
+          np.take(self.table, x["events"], axis=0, out=events[i, :n], mode="clip")   # prepare's ids: in range
+        else:
+          events[i, :n] = x["events"]
         mask[i, :n] = True
     out = {k: np.stack([x[k] for x in elements]) for k in ("prev_image", "target_image")}
     out["events"], out["event_mask"], out["event_rows"] = events, mask, rows   # parallel.EVENT_ROWS
@@ -319,7 +336,8 @@ def make_loader(data_dir: str, split: str, *, global_batch_size: int, config_dat
                  max_events=max_events, image_size=image_size, augment=augment, label_set=label_set,
                  cached_latents=cached)
   ds = grain.MapDataset.range(local_len).repeat(num_epochs).map_with_index(maker)
-  ds = ds.batch(local_bs, drop_remainder=drop_remainder, batch_fn=_Batcher(max_events, int(man["event_dim"])))
+  table = os.path.join(data_dir, rec.EVENT_TABLE) if man.get("event_layout") == "table" else None
+  ds = ds.batch(local_bs, drop_remainder=drop_remainder, batch_fn=_Batcher(max_events, int(man["event_dim"]), table))
   num_workers = int(_cfg(config_data, "num_workers", 0) or 0)
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(_cfg(config_data, "read_threads", 0) or 0) or 1,
                                                prefetch_buffer_size=int(_cfg(config_data, "prefetch", 2) or 2)))

@@ -304,6 +304,14 @@ def test_demo_database_end_to_end(tmp_path):
   b = next(it)
   assert b["prev_image"].shape == (2, 32, 32) and b["events"].shape == (2, 64, 16)   # the host batch
   assert b["event_mask"].dtype == bool and b["event_mask"].any()
+  # the loader gathers the shared event table's rows straight into the batch: the records' events, then zeros
+  keys = {src_r["meta"]["key"]: src_r for src_r in map(pipeline.data_source(out, split).__getitem__,
+                                                       range(man["splits"][split]["samples"]))}
+  assert man["event_layout"] == "table"
+  for j, key in enumerate(b["key"]):
+    want = keys[key.decode()]["events"][-64:]
+    np.testing.assert_array_equal(b["events"][j, :len(want)], want)
+    assert b["event_rows"][j] == len(want) and not b["events"][j, len(want):].any()
   # patient-disjoint splits
   subjects = [set(pipeline.read_index(out, s)["subject_id"]) for s in man["splits"]]
   assert sum(len(x) for x in subjects) == len(set().union(*subjects))
