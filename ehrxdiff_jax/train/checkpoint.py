@@ -26,6 +26,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from ehrxdiff_jax.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
@@ -64,34 +66,53 @@ class Checkpointer:
       items["data"] = save_cls(data_iter)
     return self.manager.save(int(step), args=ocp.args.Composite(**items), force=True)
 
-  def restore(self, abstract_state: Any, step: int | None = None, data_iter: Any = None) -> tuple[Any, dict]:
+  def delete(self, step: int) -> None:
+    self.manager.delete(int(step))
+
+  def restore(self, abstract_state: Any, step: int | None = None, data_iter: Any = None,
+              restart_data: bool = False) -> tuple[Any, dict]:
     """(state, meta) of `step` (default: the latest complete one), placed as `abstract_state` says.
 
     `abstract_state`: a pytree of jax.ShapeDtypeStruct with `sharding` set (see `Trainer.abstract_state`).
-    `data_iter`, when given, has its state set to the saved one (in place).
+    `data_iter`, when given, has its state set to the saved one (in place); a checkpoint without that
+    state is refused (the resume would not be exact) unless `restart_data`, which reads the data from the
+    beginning instead.
     """
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
     _, restore_cls, _ = _grain_args()
     items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
-    saved_items = self._items_of(step)
+    saved_items = self._require_items(step, ("state", "meta"))
     if data_iter is not None and hasattr(data_iter, "set_state"):
       if "data" in saved_items:
         items["data"] = restore_cls(data_iter)
-      else:
+      elif restart_data:
         log.warning("checkpoint %d has no data iterator state; the data restart from the beginning", step)
+      else:
+        raise CheckpointError(
+            f"checkpoint {os.path.join(self.directory, str(step))} has no data/ item (the data iterator state), so "
+            "the resume would not continue the data where the run stopped: pass --restart-data to resume with "
+            "the data read from the beginning, or use another --workdir")
     out = self.manager.restore(step, args=ocp.args.Composite(**items))
     return out["state"], dict(out["meta"] or {})
 
   def restore_meta(self, step: int | None = None) -> dict:
     step = self.latest_step() if step is None else step
+    self._require_items(step, ("meta",))
     out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     return dict(out["meta"] or {})
 
-  def _items_of(self, step: int) -> set[str]:
+  def _require_items(self, step: int, needed: Sequence[str]) -> set[str]:
+    """The items saved in checkpoint `step`; CheckpointError naming the first of `needed` that is missing."""
     path = os.path.join(self.directory, str(step))
-    return set(os.listdir(path)) if os.path.isdir(path) else set()
+    items = set(os.listdir(path)) if os.path.isdir(path) else set()
+    for item in needed:
+      if item not in items:
+        raise CheckpointError(f"checkpoint {path} has no {item}/ item: it is damaged or was not written by "
+                              f"`ehrxdiff train`; move {path} away to resume from the checkpoint before it, or "
+                              "use another --workdir")
+    return items
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -109,7 +130,7 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
 # ------------------------------------------------------------------ reading another run's parameters
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
   """A run directory or checkpoint that cannot be read as asked; the message names the path and the problem."""
 
 
