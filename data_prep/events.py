@@ -35,9 +35,9 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from ehrxdiff_jax.errors import UserError
 from data_prep.tables import (DEFAULT_CHUNK_ROWS, Counters, find_file, iter_chunks, parse_ids,
                               parse_times, read_table, require_columns)
+from ehrxdiff_jax.errors import UserError
 
 FILTERS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "event_filters.json")
 ALWAYS_DROPPED = ("hadm_id", "stay_id")

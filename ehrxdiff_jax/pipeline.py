@@ -67,7 +67,7 @@ def read_manifest(data_dir: str) -> dict:
     raise UserError(f"{path} is not valid JSON ({e}): the dataset is damaged; {REPREPARE}") from None
   if man.get("schema_version") != rec.SCHEMA_VERSION:
     raise UserError(f"{path}: schema version {man.get('schema_version')}, this code reads "
-                     f"{rec.SCHEMA_VERSION}; re-run `ehrxdiff prepare`")
+                    f"{rec.SCHEMA_VERSION}; re-run `ehrxdiff prepare`")
   return man
 
 
