@@ -18,11 +18,14 @@ def _common(cfg: ml_collections.ConfigDict) -> dict:
   return dict(dtype=compute_dtype(cfg.model.dtype), attention=cfg.model.attention, remat=cfg.model.remat)
 
 
-def latent_shape(cfg: ml_collections.ConfigDict) -> tuple[int, int, int]:
-  """(h, w, c) of the VAE latent for the config's image size."""
-  factor = 2 ** (len(cfg.model.vae.ch_mult) - 1)
-  size = cfg.data.image_size // factor
-  return size, size, cfg.model.vae.embed_dim
+def latent_shape(cfg: ml_collections.ConfigDict, image_size: int | None = None) -> tuple[int, int, int]:
+  """(h, w, c) of the VAE latent for `image_size` (default `c.data.image_size`)."""
+  from ehrxdiff_jax.nn.vae import downsample_factor
+  size = int(image_size or cfg.data.image_size)
+  f = downsample_factor(cfg.model.vae.ch_mult)
+  if size % f:
+    raise ValueError(f"image size {size} is not divisible by the VAE factor {f}")
+  return size // f, size // f, int(cfg.model.vae.embed_dim)
 
 
 def build_vae(cfg):

@@ -40,6 +40,9 @@ def add_arguments(parser) -> None:
   parser.add_argument("--no-ema", action="store_true", help="ehrxdiff: do not convert the model_ema.* UNet")
   parser.add_argument("--vae-mismatch", choices=("error", "warn"), default="error",
                       help="ehrxdiff: when cond_stage_model.autoencoder differs from first_stage_model")
+  parser.add_argument("--heads-from-config", action="store_true",
+                      help="the checkpoint was trained with --config's head counts (no weight shows them; "
+                      "without this flag they must be the reference's: 8 UNet heads, tower head dim 64)")
   parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
 
@@ -66,21 +69,16 @@ def write_checkpoint(out: str, cfg, params: dict, ema_params: dict | None = None
 
 
 def convert(path: str, cfg, out: str, kind: str = "auto", *, ema: bool = True, vae_mismatch: str = "error",
-            overwrite: bool = False) -> dict:
-  """Imports `path` (read once with torch.load(weights_only=True)) and writes the checkpoint; returns the info."""
+            heads=None, overwrite: bool = False) -> dict:
+  """Imports `path` (read once with torch.load(weights_only=True)) and writes the checkpoint; returns the info.
+  heads: the checkpoint's head counts when not the reference's (interop.ehrxdiff.unseen_fields)."""
   from ehrxdiff_jax.interop import ehrxdiff as ex
   from ehrxdiff_jax.interop.common import load_state_dict
   outputs.check_writable(out, overwrite)  # before reading a multi-GB file
   sd = load_state_dict(path)
   kind = ex.detect_kind(sd) if kind == "auto" else kind
-  if kind == "ehrxdiff":
-    imported = ex.import_ehrxdiff(sd, cfg, ema=ema, vae_mismatch=vae_mismatch)
-  elif kind == "cheff-vae":
-    imported = ex.import_cheff_vae(sd, cfg)
-  elif kind == "clip":
-    imported = ex.import_clip(sd, cfg)
-  else:
-    raise ValueError(f"unknown checkpoint kind {kind!r}; one of {ex.KINDS}")
+  options = {"ehrxdiff": dict(ema=ema, vae_mismatch=vae_mismatch, heads=heads), "clip": dict(heads=heads)}
+  imported = ex.import_state_dict(sd, kind, cfg, **options.get(kind, {}))
   del sd
   info = {k: v for k, v in imported.info.items() if k != "fields"}
   meta = {"source": os.path.abspath(path), "kind": kind, "import": info}
@@ -95,7 +93,7 @@ def run(args) -> int:
   try:
     cfg = load_config(args.config, args.config_overrides)
     info = convert(args.from_torch, cfg, args.out, args.kind, ema=not args.no_ema, vae_mismatch=args.vae_mismatch,
-                   overwrite=args.overwrite)
+                   heads="config" if args.heads_from_config else None, overwrite=args.overwrite)
   except (ConversionError, FileExistsError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -29,38 +29,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ehrxdiff_jax.interop.common import ConversionError, StateDict, check_against
+from ehrxdiff_jax.interop.common import (ConversionError, IfPresent, StateDict, check_against, export_block,
+                                         export_blocks, put_conv, put_linear, put_norm, split_in_proj)
 
 __all__ = [
     "adapt_position_embedding", "convert_hf_clip_vision", "convert_openai_clip_visual",
     "convert_torch_table_tower", "convert_reference_conditioner", "convert_reference_clip",
+    "export_openai_visual", "export_reference_conditioner", "export_table_tower", "infer_table_fields",
+    "infer_vit_fields",
 ]
 
 
-# ----------------------------------------------------------------------------- helpers
-
-def split_in_proj(sd: StateDict, key: str) -> dict:
-  """torch MultiheadAttention in_proj_weight [3W, W] / in_proj_bias [3W] -> our q, k, v Dense params."""
-  w = sd.take(f"{key}.in_proj_weight")
-  b = sd.take(f"{key}.in_proj_bias")
-  if w.ndim != 2 or w.shape[0] != 3 * w.shape[1] or b.shape != (w.shape[0],):
-    raise ConversionError(f"{sd.prefix}{key}.in_proj_weight/bias have shapes {w.shape}/{b.shape}; "
-                          "expected [3W, W] and [3W]")
-  width = w.shape[1]
-  out = {}
-  for i, name in enumerate("qkv"):
-    kernel = w[i * width:(i + 1) * width].T.copy()
-    bias = b[i * width:(i + 1) * width].copy()
-    sd.origin[id(kernel)] = f"{sd.prefix}{key}.in_proj_weight"
-    sd.origin[id(bias)] = f"{sd.prefix}{key}.in_proj_bias"
-    out[name] = {"kernel": kernel, "bias": bias}
-  out["out"] = sd.linear(f"{key}.out_proj")
-  return out
-
-
 # Name tables (StateDict.block) of one block: a pre-LN ViT block from transformers' CLIPEncoderLayer and
-# OpenAI's ResidualAttentionBlock; a torch.nn.TransformerEncoderLayer of the table tower. interop/ehrxdiff.py
-# exports through the same tables (OPENAI_BLOCK, TABLE_LAYER), so import and export cannot drift apart.
+# OpenAI's ResidualAttentionBlock; a torch.nn.TransformerEncoderLayer of the table tower. The exporters
+# below walk the same tables, so import and export cannot drift apart.
 _HF_BLOCK = {
     "ln_1": (StateDict.norm, "layer_norm1"),
     "attn": {n: (StateDict.linear, f"self_attn.{n}_proj") for n in ("q", "k", "v", "out")},
@@ -103,23 +85,45 @@ _HF_VIT = _ViTNaming("embeddings.patch_embedding", "embeddings.class_embedding",
 _OPENAI_VIT = _ViTNaming("conv1", "class_embedding", "positional_embedding", "ln_pre", "transformer.resblocks",
                          OPENAI_BLOCK, "ln_post")
 
-def _vit_expected(width: int, patch: int, layers: int, mlp_dim: int, num_tokens: int, include_ln_post: bool):
+# Head dim of the reference's towers (OpenAI's ViT: heads = width / 64; the table tower: 24 heads on
+# 1536): the weights do not show the head count, so imports check the config against this.
+REFERENCE_HEAD_DIM = 64
+
+
+def infer_vit_fields(params: Mapping[str, Any]) -> dict:
+  """`model.image_tower` fields (heads excepted: no shape shows them) of a converted image tower."""
+  k = params["patch_embed"]["kernel"]
+  tokens = int(params["positional_embedding"].shape[0])
+  grid = int(round((tokens - 1) ** 0.5))
+  if grid * grid + 1 != tokens:
+    raise ConversionError(f"positional embedding has {tokens} rows, not 1 + a square number of patches")
+  layers = sum(1 for n in params if n.startswith("blocks_"))
+  mlp_dim = int(params["blocks_0"]["fc1"]["kernel"].shape[1]) if layers else 4 * int(k.shape[3])
+  return dict(image_size=grid * int(k.shape[0]), patch_size=int(k.shape[0]), width=int(k.shape[3]),
+              layers=layers, mlp_dim=mlp_dim)
+
+
+def infer_table_fields(params: Mapping[str, Any]) -> dict:
+  """`model.table_tower` fields (heads and dropout excepted) of a converted table tower."""
+  l1 = params["layer_0"]["linear1"]["kernel"]
+  return dict(event_dim=int(l1.shape[0]), ff_dim=int(l1.shape[1]),
+              layers=sum(1 for n in params if n.startswith("layer_")), out_dim=int(params["fc"]["kernel"].shape[1]))
+
+
+def _vit_expected(params: Mapping[str, Any], include_ln_post: bool):
+  """Parameter shapes of the VisionTransformer that `params`' shapes describe (heads change no shape)."""
   from ehrxdiff_jax.nn.vit import VisionTransformer
-  grid = int(round((num_tokens - 1) ** 0.5))
-  if grid * grid + 1 != num_tokens:
-    raise ConversionError(f"positional embedding has {num_tokens} rows, not 1 + a square number of patches")
-  heads = width // 64 if width % 64 == 0 else 1  # heads do not change any parameter shape
-  vit = VisionTransformer(image_size=grid * patch, patch_size=patch, width=width, layers=layers, heads=heads,
-                          mlp_dim=mlp_dim)
-  images = jax.ShapeDtypeStruct((1, grid * patch, grid * patch, 3), jnp.float32)
+  vit = VisionTransformer(**infer_vit_fields(params), heads=1)
+  images = jax.ShapeDtypeStruct((1, vit.image_size, vit.image_size, 3), jnp.float32)
   init = functools.partial(vit.init, method=VisionTransformer.pooled if include_ln_post else None)
   return nn.unbox(jax.eval_shape(init, jax.random.key(0), images)["params"])
 
 
-def _table_expected(event_dim: int, ff_dim: int, layers: int, out_dim: int):
+def _table_expected(params: Mapping[str, Any]):
+  """Parameter shapes of the TableTower that `params`' shapes describe."""
   from ehrxdiff_jax.nn.table import TableTower
-  tower = TableTower(event_dim=event_dim, heads=1, ff_dim=ff_dim, layers=layers, out_dim=out_dim)
-  events = jax.ShapeDtypeStruct((1, 2, event_dim), jnp.float32)
+  tower = TableTower(**infer_table_fields(params), heads=1)
+  events = jax.ShapeDtypeStruct((1, 2, tower.event_dim), jnp.float32)
   mask = jax.ShapeDtypeStruct((1, 2), jnp.bool_)
   return nn.unbox(jax.eval_shape(tower.init, jax.random.key(0), events, mask)["params"])
 
@@ -197,7 +201,7 @@ def convert_hf_clip_vision(state_dict: Mapping[str, Any], prefix: str | None = N
   params = _vit(sd, _HF_VIT, include_ln_post, grid)
   sd.finish()
   if expected is None:
-    expected = _vit_expected_from(params, include_ln_post)
+    expected = _vit_expected(params, include_ln_post)
   return _check(params, expected, sd)
 
 
@@ -206,14 +210,6 @@ def _openai_visual(sd: StateDict, include_ln_post: bool, grid: int | None) -> di
   params = _vit(sd, _OPENAI_VIT, include_ln_post, grid)
   sd.skip("proj")  # the CLIP projection: not used (the reference sets it to None)
   return params
-
-
-def _vit_expected_from(params: dict, include_ln_post: bool):
-  k = params["patch_embed"]["kernel"]
-  layers = sum(1 for n in params if n.startswith("blocks_"))
-  mlp = params["blocks_0"]["fc1"]["kernel"].shape[1] if layers else 4 * k.shape[3]
-  return _vit_expected(k.shape[3], k.shape[0], layers, mlp, params["positional_embedding"].shape[0],
-                       include_ln_post)
 
 
 def convert_openai_clip_visual(state_dict: Mapping[str, Any], prefix: str = "visual.", *,
@@ -229,7 +225,7 @@ def convert_openai_clip_visual(state_dict: Mapping[str, Any], prefix: str = "vis
   params = _openai_visual(sd, include_ln_post, grid)
   sd.finish()
   if expected is None:
-    expected = _vit_expected_from(params, include_ln_post)
+    expected = _vit_expected(params, include_ln_post)
   return _check(params, expected, sd)
 
 
@@ -243,12 +239,6 @@ def _table(sd: StateDict, encoder: str, fc: str) -> dict:
   return params
 
 
-def _table_expected_from(params: dict):
-  layers = sum(1 for n in params if n.startswith("layer_"))
-  l1 = params["layer_0"]["linear1"]["kernel"]
-  return _table_expected(l1.shape[0], l1.shape[1], layers, params["fc"]["kernel"].shape[1])
-
-
 def convert_torch_table_tower(state_dict: Mapping[str, Any], prefix: str = "", *, encoder: str = "transformer.",
                               fc: str = "fc", expected=None) -> dict:
   """The reference's TabTransformerEmbedder -> TableTower params.
@@ -260,10 +250,15 @@ def convert_torch_table_tower(state_dict: Mapping[str, Any], prefix: str = "", *
   sd = StateDict(state_dict, prefix)
   params = _table(sd, encoder, fc)
   sd.finish()
-  return _check(params, _table_expected_from(params) if expected is None else expected, sd)
+  return _check(params, _table_expected(params) if expected is None else expected, sd)
 
 
 # ----------------------------------------------------------------------------- reference checkpoints
+
+# The reference conditioner's own layers (the towers sit under clip_img_encoder / clip_tab_encoder).
+_CONDITIONER_LINEARS = {"vae_proj": IfPresent(StateDict.linear, "vae_projector"),
+                        "adapter": IfPresent(StateDict.linear, "adaptor"),
+                        "projector": IfPresent(StateDict.linear, "projector")}
 
 def convert_reference_conditioner(state_dict: Mapping[str, Any], prefix: str = "cond_stage_model.", *,
                                   expected=None) -> dict:
@@ -291,21 +286,16 @@ def convert_reference_conditioner(state_dict: Mapping[str, Any], prefix: str = "
   if sd.keys_under("clip_img_encoder"):
     sub = _SubDict(sd, "clip_img_encoder.")
     params["image_tower"] = _openai_visual(sub, include_ln_post=False, grid=None)
-  if sd.has("vae_projector.weight"):
-    params["vae_proj"] = sd.linear("vae_projector")
-  if sd.has("adaptor.weight"):
-    params["adapter"] = sd.linear("adaptor")
-  if sd.has("projector.weight"):
-    params["projector"] = sd.linear("projector")
+  params.update(sd.block("", _CONDITIONER_LINEARS))
   if not params:
     raise ConversionError(f"no conditioner weights under {prefix!r} (only the VAE?)")
   sd.finish()
   if expected is None:
     expected = dict(params)
     if "image_tower" in params:
-      expected["image_tower"] = _vit_expected_from(params["image_tower"], include_ln_post=False)
+      expected["image_tower"] = _vit_expected(params["image_tower"], include_ln_post=False)
     if "table_tower" in params:
-      expected["table_tower"] = _table_expected_from(params["table_tower"])
+      expected["table_tower"] = _table_expected(params["table_tower"])
     expected = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32), expected)
   return _check(params, expected, sd)
 
@@ -332,11 +322,52 @@ def convert_reference_clip(state_dict: Mapping[str, Any], prefix: str = "model."
   logit_scale = sd.take("logit_scale").reshape(())
   sd.finish()
   exp = dict(expected or {})
-  exp.setdefault("image_tower", _vit_expected_from(image, include_ln_post=True))
-  exp.setdefault("table_tower", _table_expected_from(table))
+  exp.setdefault("image_tower", _vit_expected(image, include_ln_post=True))
+  exp.setdefault("table_tower", _table_expected(table))
   params = {"image_tower": _check(image, exp["image_tower"], sd), "table_tower": _check(table, exp["table_tower"], sd)}
   params["logit_scale"] = np.asarray(logit_scale, np.float32)
   return params
+
+
+# ----------------------------------------------------------------------------- export (the inverse)
+
+def _export_vit(im: Mapping[str, Any], names: _ViTNaming, ln_post: bool) -> dict:
+  """Inverse of `_vit`. ln_post=True writes `ln_post` (ones / zeros when our tree has none, as the
+  reference conditioner's unused copy)."""
+  out: dict = {names.class_embedding: np.asarray(im["class_embedding"], np.float32),
+               names.positional_embedding: np.asarray(im["positional_embedding"], np.float32)}
+  put_conv(out, names.patch_embed, im["patch_embed"])
+  put_norm(out, names.ln_pre, im["ln_pre"])
+  export_blocks(out, im, "blocks_{}", names.blocks, names.block)
+  if ln_post:
+    width = im["class_embedding"].shape[-1]
+    put_norm(out, names.ln_post,
+             im.get("ln_post") or {"scale": np.ones(width, np.float32), "bias": np.zeros(width, np.float32)})
+  return out
+
+
+def export_openai_visual(im: Mapping[str, Any], ln_post: bool = True) -> dict:
+  """VisionTransformer -> OpenAI CLIP VisualTransformer names (conv1 without bias, no proj)."""
+  return _export_vit(im, _OPENAI_VIT, ln_post)
+
+
+def export_table_tower(t: Mapping[str, Any], encoder: str = "transformer.", fc: str = "fc") -> dict:
+  """TableTower -> the reference TabTransformerEmbedder names (inverse of convert_torch_table_tower)."""
+  out: dict = {}
+  export_blocks(out, t, "layer_{}", f"{encoder}layers", TABLE_LAYER)
+  put_linear(out, fc, t["fc"])
+  return out
+
+
+def export_reference_conditioner(cond: Mapping[str, Any]) -> dict:
+  """Conditioner -> MultiModalTransformerAdaptor names (no prefix, without the autoencoder copy)."""
+  out: dict = {}
+  if "image_tower" in cond:
+    out.update({f"clip_img_encoder.{k}": v for k, v in export_openai_visual(cond["image_tower"]).items()})
+  if "table_tower" in cond:
+    out.update({f"clip_tab_encoder.{k}": v for k, v in export_table_tower(cond["table_tower"]).items()})
+  export_block(out, "", cond, _CONDITIONER_LINEARS)
+  return out
 
 
 class _SubDict(StateDict):

@@ -16,19 +16,45 @@ missing, extra or mis-shaped weight raises `ConversionError` naming the PyTorch 
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from typing import Any, Callable, Iterator, Mapping
 
-from ehrxdiff_jax.interop.common import ConversionError, StateDict, check_against
+from ehrxdiff_jax.interop.common import (ConversionError, StateDict, check_against, put_conv, put_conv1x1,
+                                         put_linear, put_norm)
 
 Structure = tuple[int, int, tuple[int, ...], int]  # (levels, num_res_blocks, attention_levels, depth)
 PlanEntry = tuple[tuple[str, ...], str, str, bool]  # (our path, torch module key, kind, optional)
 
 _UNET_FIELDS = ("in_channels", "out_channels", "model_channels", "channel_mult", "num_res_blocks",
                 "attention_levels", "num_heads", "transformer_depth", "context_dim", "norm_groups")
-_SUFFIXES = {"conv": ("weight", "bias"), "conv1x1": ("weight", "bias"), "linear": ("weight", "bias"),
-             "linear_nobias": ("weight",), "norm": ("weight", "bias")}
+
+
+def _take_conv1x1(sd: StateDict, key: str) -> dict:
+  """A 1x1 conv, or a Linear (diffusers' use_linear_projection) -> (1, 1, in, out)."""
+  if sd.take(f"{key}.weight").ndim == 2:
+    leaf = sd.linear(key)
+    leaf["kernel"] = sd._tagged(leaf["kernel"][None, None], f"{key}.weight")
+    return leaf
+  return sd.conv(key)  # a wrong kernel size is reported by check_against
+
+
+@dataclasses.dataclass(frozen=True)
+class _Kind:
+  """How a plan entry of one kind is read (`take(sd, key)`) and written (`put(out, key, params)`)."""
+  take: Callable[[StateDict, str], dict]
+  put: Callable[[dict, str, Mapping[str, Any]], None]
+  suffixes: tuple[str, ...] = ("weight", "bias")
+
+
+_KINDS = {
+    "conv": _Kind(StateDict.conv, put_conv),
+    "conv1x1": _Kind(_take_conv1x1, put_conv1x1),  # LDM writes 1x1 Conv2d
+    "linear": _Kind(StateDict.linear, put_linear),
+    "linear_nobias": _Kind(lambda sd, key: sd.linear(key, bias=False), put_linear, ("weight",)),
+    "norm": _Kind(StateDict.norm, put_norm),
+}
 
 
 # ----------------------------------------------------------------------------- block plans
@@ -127,7 +153,7 @@ def diffusers_plan(structure: Structure) -> list[PlanEntry]:
 
 def plan_keys(plan: list[PlanEntry]) -> list[str]:
   """Every PyTorch parameter name a plan can consume (optional ones included)."""
-  return [f"{key}.{s}" for _, key, kind, _ in plan for s in _SUFFIXES[kind]]
+  return [f"{key}.{s}" for _, key, kind, _ in plan for s in _KINDS[kind].suffixes]
 
 
 # ----------------------------------------------------------------------------- structure from names
@@ -185,28 +211,28 @@ def _run_plan(sd: StateDict, plan: list[PlanEntry]) -> dict:
   for path, key, kind, optional in plan:
     if optional and not sd.has(f"{key}.weight"):
       continue
-    if kind == "conv":
-      leaf = sd.conv(key)
-    elif kind == "conv1x1":  # a 1x1 conv, or a Linear (use_linear_projection) -> (1, 1, in, out)
-      if sd.take(f"{key}.weight").ndim == 2:
-        leaf = sd.linear(key)
-        leaf["kernel"] = sd._tagged(leaf["kernel"][None, None], f"{key}.weight")
-      else:  # a wrong kernel size is reported by check_against
-        leaf = sd.conv(key)
-    elif kind == "linear":
-      leaf = sd.linear(key)
-    elif kind == "linear_nobias":
-      leaf = sd.linear(key, bias=False)
-    elif kind == "norm":
-      leaf = sd.norm(key)
-    else:  # pragma: no cover - plans only use the kinds above
-      raise AssertionError(kind)
     node = tree
     for p in path[:-1]:
       node = node.setdefault(p, {})
-    node[path[-1]] = leaf
+    node[path[-1]] = _KINDS[kind].take(sd, key)
   sd.finish()
   return tree
+
+
+def _export_plan(tree: Mapping[str, Any], plan: list[PlanEntry]) -> dict:
+  """The inverse of `_run_plan`: our tree -> {torch name: float32 array}."""
+  out: dict = {}
+  for path, key, kind, optional in plan:
+    node = tree
+    try:
+      for p in path:
+        node = node[p]
+    except KeyError:
+      if optional:
+        continue
+      raise
+    _KINDS[kind].put(out, key, node)
+  return out
 
 
 def infer_config(params: Mapping[str, Any]) -> dict:
@@ -316,6 +342,13 @@ def convert_diffusers_unet(state_dict: Mapping[str, Any], prefix: str = "",
   sd = StateDict(state_dict, prefix)
   plan = diffusers_plan(_diffusers_structure(sd.has))
   return _check(_run_plan(sd, plan), sd, config)
+
+
+def export_ldm_unet(unet: Mapping[str, Any], unet_cfg: Mapping[str, Any]) -> dict:
+  """Our UNet tree -> LDM `openaimodel.UNetModel` names (no prefix): the inverse of convert_ldm_unet."""
+  structure = (len(unet_cfg["channel_mult"]), int(unet_cfg["num_res_blocks"]), tuple(unet_cfg["attention_levels"]),
+               int(unet_cfg["transformer_depth"]))
+  return _export_plan(unet, ldm_plan(structure))
 
 
 def resblock_params(state_dict: Mapping[str, Any], key: str, naming: str = "diffusers") -> dict:
