@@ -1,5 +1,6 @@
 """Writing generated X-rays: 8-bit grey PNGs and the labelled comparison grid (PIL only).
 
+    png_name(key)                      the file stem of a sample's PNG (`ehrxdiff sample` writes, `evaluate` reads)
     to_uint8(img)                      [-1, 1] float [H, W] or [H, W, C] -> uint8 grey [H, W]
     write_png(path, img, size=None)    one 8-bit grey PNG (optionally resized to size x size), atomically
     make_grid(columns, ...)            columns [(title, [N, H, W(, C)] in [-1, 1])] -> uint8 [H', W'] with the
@@ -15,6 +16,12 @@ import os
 from typing import Sequence
 
 import numpy as np
+
+
+def png_name(key: str) -> str:
+  """File stem of a sample key: characters other than letters, digits, '-', '_', '.' become '_'."""
+  name = "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
+  return name or "sample"
 
 
 def to_uint8(img) -> np.ndarray:

@@ -190,9 +190,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) axis over ('data', 'fsdp'), the rest replicated."""
-  del ndim
   return NamedSharding(mesh, P(BATCH_AXES))
 
 

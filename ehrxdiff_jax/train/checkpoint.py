@@ -84,11 +84,6 @@ class Checkpointer:
     out = self.manager.restore(step, args=ocp.args.Composite(**items))
     return out["state"], dict(out["meta"] or {})
 
-  def restore_meta(self, step: int | None = None) -> dict:
-    step = self.latest_step() if step is None else step
-    out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-    return dict(out["meta"] or {})
-
   def _items_of(self, step: int) -> set[str]:
     path = os.path.join(self.directory, str(step))
     return set(os.listdir(path)) if os.path.isdir(path) else set()
@@ -99,11 +94,6 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
-
-
-def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
-  """ShapeDtypeStructs of `tree` (arrays or structs) carrying `shardings` (a matching tree)."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
 # ------------------------------------------------------------------ reading another run's parameters
