@@ -28,17 +28,15 @@ or 'reinit' (the reference: OpenAI's positional embedding is dropped and the fre
 `train.clip_pos_embed`. The weights enter `init_params` as constants of the jitted initialiser.
 
 Using the result: `load_clip_towers(workdir)` reads the latest checkpoint of a CLIP run (host numpy) and
-`init_from_clip(boxed_tree, workdir)` puts its towers into a (boxed) parameter tree that has
-'image_tower' / 'table_tower' entries: the LDM conditioner (`train.init_from`) and the table classifier.
+`clip_init_state(state, workdir, part)` puts its towers into a fresh TrainState: the LDM conditioner
+(`train.init_from`) and the table classifier.
 """
 from __future__ import annotations
 
 import functools
 import math
 import os
-from typing import Any, Mapping
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,6 +46,7 @@ from ehrxdiff_jax.augment import random_resized_crop
 from ehrxdiff_jax.nn.table import pool_tokens
 from ehrxdiff_jax.train.checkpoint import CheckpointError, resolve_step_dir, restore_run_params, saved_param_parts
 from ehrxdiff_jax.train.objective import Objective
+from ehrxdiff_jax.train.state import put_params, replace_in_boxed, replace_part
 
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
 LOGIT_SCALE_MAX = math.log(100.0)
@@ -86,39 +85,7 @@ def contrastive_loss(image_emb: jax.Array, table_emb: jax.Array, logit_scale: ja
   return 0.5 * (loss_img + loss_ev), metrics
 
 
-# ------------------------------------------------------------------ parameter-tree helpers
-
-
-def _replace_leaves(tree: Any, new: Any, replace_leaf, where: str = "") -> Any:
-  """A copy of `tree` with the leaves present in `new` (a nested dict, a subset of the tree) replaced by
-  `replace_leaf(old leaf, new value, path)`; a sub-tree where the model has a leaf, an unknown name or
-  another shape is an error naming the path."""
-  if isinstance(new, Mapping):
-    if not isinstance(tree, Mapping):
-      raise ValueError(f"{where or '<root>'}: the checkpoint has a sub-tree where the model has a leaf")
-    out = dict(tree)
-    for k, v in new.items():
-      if k not in tree:
-        raise ValueError(f"{where}/{k}: not a parameter of the model (have {sorted(tree)})")
-      out[k] = _replace_leaves(tree[k], v, replace_leaf, f"{where}/{k}")
-    return out
-  model_shape = tuple((tree.value if isinstance(tree, nn.Partitioned) else tree).shape)
-  if tuple(np.shape(new)) != model_shape:
-    raise ValueError(f"{where}: shape {tuple(np.shape(new))} from the checkpoint, the model has {model_shape}")
-  return replace_leaf(tree, new)
-
-
-def _boxed_leaf(boxed, new):
-  value = boxed.value if isinstance(boxed, nn.Partitioned) else boxed
-  arr = jnp.asarray(new, value.dtype)
-  return boxed.replace_boxed(arr) if isinstance(boxed, nn.Partitioned) else arr
-
-
-def replace_in_boxed(boxed: Any, new: Any, where: str = "") -> Any:
-  """A copy of the (possibly boxed) parameter tree `boxed` with the leaves present in `new` (a nested
-  dict of arrays, a subset of the tree) replaced, keeping the nn.Partitioned boxes (logical axes).
-  Shapes must match exactly."""
-  return _replace_leaves(boxed, new, _boxed_leaf, where)
+# ------------------------------------------------------------------ using a CLIP run
 
 
 def load_clip_towers(path: str, include_ln_post: bool = False) -> dict:
@@ -142,54 +109,6 @@ def load_clip_towers(path: str, include_ln_post: bool = False) -> dict:
   return out
 
 
-def init_from_clip(boxed: dict, path: str, parts: tuple[str, ...] = ("image_tower", "table_tower"),
-                   table_encoder_only: bool = False) -> dict:
-  """`boxed` (e.g. the conditioner's sub-tree) with its CLIP towers taken from the CLIP run at `path`.
-
-  Only the parts present in `boxed` are replaced (a conditioner without the image stream has no
-  image_tower). `table_encoder_only`: take only the transformer layers of the table tower, not its
-  output Linear `fc` (the table classifier, which has no fc). Traced inside init_params: the loaded
-  arrays become constants of the jitted initialiser."""
-  towers = load_clip_towers(path, include_ln_post=False)
-  out = dict(boxed)
-  for part in parts:
-    if part not in boxed:
-      continue
-    new = towers[part]
-    if part == "table_tower" and table_encoder_only:
-      new = {k: v for k, v in new.items() if k != "fc"}
-    if part == "image_tower" and "ln_post" not in boxed[part]:
-      new = {k: v for k, v in new.items() if k != "ln_post"}
-    out[part] = replace_in_boxed(boxed[part], new, part)
-  return out
-
-
-def _placed_leaf(placed, new):
-  value = np.asarray(new, dtype=placed.dtype)
-  return jax.make_array_from_callback(value.shape, placed.sharding, lambda idx: value[idx])
-
-
-def put_params(tree: Any, new: Any, where: str = "") -> Any:
-  """A copy of a tree of placed (sharded) jax.Arrays with the leaves present in `new` (nested numpy
-  subset) replaced by arrays of the same shape, dtype and sharding (works on several processes: every
-  process holds the whole host value)."""
-  return _replace_leaves(tree, new, _placed_leaf, where)
-
-
-def _replace_part(state, part: str | None, fn):
-  """state with params[part] (the whole params when part is None) := fn(params[part]); an EMA copy of
-  that part, if any, gets the same values."""
-  params = dict(state.params)
-  if part is None:
-    params = fn(params)
-  else:
-    params[part] = fn(params[part])
-  ema = state.ema_params
-  if ema and part is not None and part in ema:
-    ema = {**ema, part: fn(ema[part])}
-  return state.replace(params=params, ema_params=ema)
-
-
 def clip_init_state(state, path: str, part: str | None = "conditioner", table_encoder_only: bool = False):
   """A fresh TrainState whose params[part] (e.g. the LDM's 'conditioner'; None: the top level, e.g. the
   table classifier) takes the CLIP towers of the CLIP run at `path` (host-side, after init_state; the
@@ -210,7 +129,7 @@ def clip_init_state(state, path: str, part: str | None = "conditioner", table_en
     if not new:
       raise ValueError(f"no image_tower / table_tower to initialise from {path} (have {sorted(tree)})")
     return put_params(tree, new, part or "")
-  return _replace_part(state, part, fn)
+  return replace_part(state, part, fn)
 
 
 # ------------------------------------------------------------------ image-tower initialisation
