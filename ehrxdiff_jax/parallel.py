@@ -1,8 +1,9 @@
 """Device mesh, logical-axis rules -> shardings, batch placement and multi-host start-up.
 
 The only module (with the config's rule tables) that knows mesh axis names. Model code names logical
-axes (ehrxdiff_jax/nn/layers.py); `tree_shardings` maps every `nn.Partitioned` leaf of an abstract,
-boxed pytree to a `NamedSharding`:
+axes (ehrxdiff_jax/nn/layers.py) of parameters and of activations (`constrain`, active inside
+`under_rules`); `tree_shardings` maps every `nn.Partitioned` leaf of an abstract, boxed pytree to a
+`NamedSharding`, and `logical_to_spec` resolves both:
 
   * each logical name takes the first rule whose mesh axes are not yet used by the same array,
   * a dimension not divisible by the product of its mesh axis sizes stays replicated on that dimension,
@@ -13,6 +14,7 @@ The batch is sharded on its leading axis over ('data', 'fsdp'); each process fee
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -193,6 +195,16 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) axis over ('data', 'fsdp'), the rest replicated."""
   return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def under_rules(fn, rules):
+  """`fn` traced with the logical-axis rules active, so that the activations the networks annotate
+  (nn/layers.constrain) get their shardings; jit the result under `jax.set_mesh`."""
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with nn.logical_axis_rules(rules):
+      return fn(*args, **kwargs)
+  return wrapped
 
 
 def rules_from_config(cfg) -> tuple:

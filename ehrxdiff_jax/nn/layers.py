@@ -8,11 +8,13 @@ Logical names (the mesh rules in configs/base.py map them to mesh axes; model co
   'conv_out' output channels of a convolution kernel (and of its bias)
   'tokens'   a token-axis Linear (the fusion adapter) or positional embeddings
   'norm'     scales and offsets of normalisation layers (always replicated)
-Activations use 'batch' for their leading axis.
+Activations (`constrain`): 'batch' for the leading axis, 'heads' for the head axis of attention q/k/v;
+their other axes are left unnamed (replicated).
 """
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 Dtype = Any
@@ -29,6 +31,19 @@ def compute_dtype(name: str) -> Dtype:
 
 def partitioned(init, axes: Sequence[str | None]):
   return nn.with_logical_partitioning(init, tuple(axes))
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """x with the sharding its logical axis `names` map to under the active rules: the config's mesh rules,
+  set with `nn.logical_axis_rules` around the trace (train/loop.py), and the mesh of `jax.set_mesh`.
+  Resolved as the parameters' (`parallel.logical_to_spec`). A no-op without rules or mesh (single-device
+  code, tests, init), so that XLA's guess of the layout applies only where no one annotated."""
+  rules = nn.get_logical_axis_rules()
+  mesh = jax.sharding.get_abstract_mesh()
+  if not rules or mesh.empty:
+    return x
+  from ehrxdiff_jax.parallel import logical_to_spec
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(tuple(names), x.shape, rules, mesh))
 
 
 def Dense(features: int, axes: tuple[str | None, str | None], *, use_bias: bool = True,

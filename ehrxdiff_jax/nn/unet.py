@@ -30,9 +30,12 @@ import jax
 import jax.numpy as jnp
 
 from ehrxdiff_jax.nn.attention import MultiHeadAttention
-from ehrxdiff_jax.nn.layers import Conv, Dense, GroupNorm, LayerNorm, compute_dtype, maybe_remat, partitioned
+from ehrxdiff_jax.nn.layers import (Conv, Dense, GroupNorm, LayerNorm, compute_dtype, constrain, maybe_remat,
+                                   partitioned)
 
 Dtype = Any
+BLOCK_AXES = ("batch", None, None, None)  # logical axes of the NHWC activations between blocks
+CONTEXT_AXES = ("batch", None, None)       # the cross-attention context [B, T, D]
 
 
 def _dtype(dtype) -> Dtype:
@@ -191,32 +194,34 @@ class UNet(nn.Module):
     emb = Dense(4 * mc, ("embed", "mlp"), dtype=dt, name="time_embed_0")(t)
     emb = Dense(4 * mc, ("mlp", "embed"), dtype=dt, name="time_embed_1")(nn.silu(emb))
 
-    h = Conv(mc, 3, padding=1, dtype=dt, name="conv_in")(x)
+    act = lambda a: constrain(a, BLOCK_AXES)  # noqa: E731 - every block's input and output
+    context = None if context is None else constrain(context, CONTEXT_AXES)
+    h = act(Conv(mc, 3, padding=1, dtype=dt, name="conv_in")(act(x)))
     skips = [h]
     for level, mult in enumerate(self.channel_mult):
       for i in range(self.num_res_blocks):
-        h = res_cls(mult * mc, self.norm_groups, dtype=dt, name=f"down_{level}_res_{i}")(h, emb)
+        h = act(res_cls(mult * mc, self.norm_groups, dtype=dt, name=f"down_{level}_res_{i}")(h, emb))
         if level in attn_levels:
-          h = transformer(f"down_{level}_attn_{i}")(h, context)
+          h = act(transformer(f"down_{level}_attn_{i}")(h, context))
         skips.append(h)
       if level != n_levels - 1:
-        h = Downsample(h.shape[-1], dtype=dt, name=f"down_{level}_downsample")(h)
+        h = act(Downsample(h.shape[-1], dtype=dt, name=f"down_{level}_downsample")(h))
         skips.append(h)
 
-    h = res_cls(h.shape[-1], self.norm_groups, dtype=dt, name="mid_res_0")(h, emb)
-    h = transformer("mid_attn")(h, context)
-    h = res_cls(h.shape[-1], self.norm_groups, dtype=dt, name="mid_res_1")(h, emb)
+    h = act(res_cls(h.shape[-1], self.norm_groups, dtype=dt, name="mid_res_0")(h, emb))
+    h = act(transformer("mid_attn")(h, context))
+    h = act(res_cls(h.shape[-1], self.norm_groups, dtype=dt, name="mid_res_1")(h, emb))
 
     for level in reversed(range(n_levels)):
       mult = self.channel_mult[level]
       for i in range(self.num_res_blocks + 1):
         h = jnp.concatenate([h, skips.pop().astype(h.dtype)], axis=-1)
-        h = res_cls(mult * mc, self.norm_groups, dtype=dt, name=f"up_{level}_res_{i}")(h, emb)
+        h = act(res_cls(mult * mc, self.norm_groups, dtype=dt, name=f"up_{level}_res_{i}")(h, emb))
         if level in attn_levels:
-          h = transformer(f"up_{level}_attn_{i}")(h, context)
+          h = act(transformer(f"up_{level}_attn_{i}")(h, context))
       if level != 0:
-        h = Upsample(h.shape[-1], dtype=dt, name=f"up_{level}_upsample")(h)
+        h = act(Upsample(h.shape[-1], dtype=dt, name=f"up_{level}_upsample")(h))
 
     h = GroupNorm(self.norm_groups, 1e-5, dtype=dt, name="norm_out")(h)
     h = ZeroConv(self.out_channels, 3, dtype=dt, name="conv_out")(nn.silu(h))
-    return h.astype(x.dtype)
+    return act(h.astype(x.dtype))
