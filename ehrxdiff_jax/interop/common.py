@@ -4,7 +4,8 @@ inverse of each converter so that one name table drives both import and export.
 A name table (`StateDict.block`, `export_block`) maps our names to entries:
   (convert, their name)         a leaf converter (`StateDict.norm`, `.linear`, `.conv`,
                                 `.conv1x1_as_linear`, `split_in_proj`); their name may be a tuple of
-                                alternatives (old and new names of one library; export writes the first)
+                                alternatives (old and new names of one library; export writes
+                                the first)
   (table, their name)           a sub-block under `{key}.{their name}`
   table                         a sub-block of ours at the same torch key
   IfPresent(convert, name)      a leaf only some blocks have (e.g. the 1x1 shortcut of a res block
@@ -47,7 +48,7 @@ BlockConverter = Union[Mapping[str, Any], Callable[["StateDict", str], Any]]
 
 @dataclasses.dataclass(frozen=True)
 class IfPresent:
-  """A name-table entry converted only where the state dict (on import) or our tree (on export) has it."""
+  """A table entry converted only where the state dict (import) or our tree (export) has it."""
   convert: Callable
   theirs: str
 
@@ -55,9 +56,9 @@ class IfPresent:
 class StateDict:
   """A flat PyTorch state dict that is consumed key by key.
 
-  Every `take` marks a key as used; `finish()` raises if any key under the converted prefixes was left
-  over, so a checkpoint never loads with silently ignored weights. `origin` remembers which torch key
-  each produced array came from, to name it in shape errors.
+  Every `take` marks a key as used; `finish()` raises if any key under the converted prefixes was
+  left over, so a checkpoint never loads with silently ignored weights. `origin` remembers which
+  torch key each produced array came from, to name it in shape errors.
   """
 
   def __init__(self, state_dict: Mapping[str, Any], prefix: str = ""):
@@ -98,13 +99,14 @@ class StateDict:
 
   def conv(self, key: str, bias: bool = True) -> dict:
     """torch Conv2d (out, in, kh, kw) -> NHWC conv kernel (kh, kw, in, out)."""
-    out = {"kernel": self._tagged(self.take(f"{key}.weight").transpose(2, 3, 1, 0).copy(), f"{key}.weight")}
+    kernel = self.take(f"{key}.weight").transpose(2, 3, 1, 0).copy()
+    out = {"kernel": self._tagged(kernel, f"{key}.weight")}
     if bias:
       out["bias"] = self.take(f"{key}.bias")
     return out
 
   def conv1x1_as_linear(self, key: str) -> dict:
-    """A 1x1 conv or a Linear, whichever the checkpoint has, -> Dense (in, out) (diffusers proj_in/out)."""
+    """A 1x1 conv or a Linear, whichever the checkpoint has (diffusers proj_in/out) -> Dense."""
     w = self.take(f"{key}.weight")
     w = w.reshape(w.shape[0], w.shape[1])
     return {"kernel": self._tagged(w.T.copy(), f"{key}.weight"), "bias": self.take(f"{key}.bias")}
@@ -114,18 +116,18 @@ class StateDict:
     return {"scale": self.take(f"{key}.weight"), "bias": self.take(f"{key}.bias")}
 
   def keys_under(self, key: str) -> list[str]:
-    """The keys (without the prefix) under the module `key`, i.e. `{prefix}{key}.*` (all of them for '')."""
+    """The keys `{prefix}{key}.*` without the prefix (all of them for key '')."""
     start = self.prefix + _join(key, "")
     return [k[len(self.prefix):] for k in self._sd if k.startswith(start)]
 
   def skip_under(self, key: str) -> None:
-    """Marks every key under the module `key` as deliberately unused (e.g. a VAE's training loss)."""
+    """Marks every key under the module `key` as deliberately unused (e.g. a VAE's loss)."""
     for k in self.keys_under(key):
       self.skip(k)
 
   def indices(self, key: str) -> list[int]:
-    """[0, ..., n-1]: the distinct N of the keys `{prefix}{key}.N.*` (a torch ModuleList / Sequential);
-    [] when there is none. A gap is an error: a block would silently be missing."""
+    """[0, ..., n-1]: the distinct N of the keys `{prefix}{key}.N.*` (a torch ModuleList /
+    Sequential); [] when there is none. A gap is an error: a block would silently be missing."""
     rx = re.compile(re.escape(self.prefix + _join(key, "")) + r"(\d+)\.")
     found = sorted({int(m.group(1)) for k in self._sd if (m := rx.match(k))})
     if found != list(range(len(found))):
@@ -134,7 +136,8 @@ class StateDict:
 
   def block(self, key: str, table: Mapping[str, Any]) -> dict:
     """One block's parameters by a name table (see the module docstring), e.g.
-    {'norm1': (StateDict.norm, 'norm1'), 'attn': (split_in_proj, 'attn'), 'mid': (TABLE, 'mid.block_1')}.
+    {'norm1': (StateDict.norm, 'norm1'), 'attn': (split_in_proj, 'attn'),
+     'mid': (TABLE, 'mid.block_1')}.
     """
     out = {}
     for ours, entry in table.items():
@@ -149,8 +152,9 @@ class StateDict:
       if not isinstance(theirs, str):
         present = [t for t in theirs if self.keys_under(_join(key, t))]
         if not present:
-          raise ConversionError(f"missing {self.prefix}{_join(key, theirs[0])}.* (or the alternative names "
-                                f"{', '.join(theirs[1:])}) in the PyTorch state dict")
+          others = ", ".join(theirs[1:])
+          raise ConversionError(f"missing {self.prefix}{_join(key, theirs[0])}.* (or the "
+                                f"alternative names {others}) in the PyTorch state dict")
         theirs = present[0]
       if isinstance(convert, Mapping):
         out[ours] = self.block(_join(key, theirs), convert)
@@ -176,7 +180,7 @@ class StateDict:
 
 
 def split_in_proj(sd: StateDict, key: str) -> dict:
-  """torch MultiheadAttention in_proj_weight [3W, W] / in_proj_bias [3W] + out_proj -> our q, k, v, out."""
+  """torch MultiheadAttention (in_proj_weight [3W, W], in_proj_bias [3W], out_proj) -> q/k/v/out."""
   w = sd.take(f"{key}.in_proj_weight")
   b = sd.take(f"{key}.in_proj_bias")
   if w.ndim != 2 or w.shape[0] != 3 * w.shape[1] or b.shape != (w.shape[0],):
@@ -194,7 +198,7 @@ def split_in_proj(sd: StateDict, key: str) -> dict:
   return out
 
 
-# ----------------------------------------------------------------------------- export (the inverses)
+# ---------------------------------------------------------------------------- export (the inverses)
 
 def _f32(a) -> np.ndarray:
   return np.ascontiguousarray(np.asarray(a, np.float32))
@@ -230,7 +234,8 @@ def put_conv1x1(out: dict, key: str, p: Mapping[str, Any]) -> None:
 
 def put_in_proj(out: dict, key: str, p: Mapping[str, Any]) -> None:
   """Inverse of split_in_proj: q, k, v -> in_proj_weight / in_proj_bias, out -> out_proj."""
-  out[f"{key}.in_proj_weight"] = np.concatenate([_f32(np.asarray(p[n]["kernel"]).T) for n in "qkv"], axis=0)
+  out[f"{key}.in_proj_weight"] = np.concatenate([_f32(np.asarray(p[n]["kernel"]).T) for n in "qkv"],
+                                                axis=0)
   out[f"{key}.in_proj_bias"] = np.concatenate([_f32(p[n]["bias"]) for n in "qkv"], axis=0)
   put_linear(out, f"{key}.out_proj", p["out"])
 
@@ -240,7 +245,7 @@ INVERSE = {StateDict.norm: put_norm, StateDict.linear: put_linear, StateDict.con
 
 
 def export_block(out: dict, key: str, params: Mapping[str, Any], table: Mapping[str, Any]) -> None:
-  """Writes one block of ours into `out` (torch names) by the import name table of StateDict.block."""
+  """Writes one block of ours into `out` (torch names) by StateDict.block's name table."""
   for ours, entry in table.items():
     if isinstance(entry, Mapping):
       export_block(out, key, params[ours], entry)
@@ -257,7 +262,8 @@ def export_block(out: dict, key: str, params: Mapping[str, Any], table: Mapping[
       INVERSE[convert](out, theirs, params[ours])
 
 
-def export_blocks(out: dict, tree: Mapping[str, Any], name: str, key: str, table: Mapping[str, Any]) -> None:
+def export_blocks(out: dict, tree: Mapping[str, Any], name: str, key: str,
+                  table: Mapping[str, Any]) -> None:
   """Inverse of StateDict.blocks: every sub-tree `name.format(i)` of `tree` as block `{key}.{i}`."""
   rx = re.compile(re.escape(name).replace(re.escape("{}"), r"(\d+)"))
   for ours, p in tree.items():
@@ -292,7 +298,8 @@ def check_against(converted: Any, expected: Any, sd: StateDict | None = None) ->
       problems.append(f"shape mismatch at {name}: network {tuple(exp_s[name].shape)}, "
                       f"state dict key {src} gives {tuple(got_s[name].shape)}")
   if problems:
-    raise ConversionError("; ".join(problems[:20]) + (f" ... ({len(problems)} problems)" if len(problems) > 20 else ""))
+    more = f" ... ({len(problems)} problems)" if len(problems) > 20 else ""
+    raise ConversionError("; ".join(problems[:20]) + more)
   return jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), converted)
 
 
@@ -311,7 +318,8 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, Any]:
   try:
     import torch
   except ImportError as e:  # pragma: no cover - depends on the install
-    raise ImportError("reading PyTorch checkpoints needs the torch extra: pip install 'ehrxdiff-jax[torch]'") from e
+    raise ImportError("reading PyTorch checkpoints needs the torch extra: "
+                      "pip install 'ehrxdiff-jax[torch]'") from e
   obj = torch.load(path, map_location="cpu", weights_only=True)
   if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
     obj = obj["state_dict"]
