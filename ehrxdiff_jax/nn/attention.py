@@ -98,7 +98,8 @@ class MultiHeadAttention(nn.Module):
     q = Dense(inner, ("embed", "heads"), use_bias=self.qkv_bias, dtype=self.dtype, name="q")(x)
     k = Dense(inner, ("embed", "heads"), use_bias=self.qkv_bias, dtype=self.dtype, name="k")(context)
     v = Dense(inner, ("embed", "heads"), use_bias=self.qkv_bias, dtype=self.dtype, name="v")(context)
-    q, k, v = (constrain(t.reshape(b, t.shape[1], self.num_heads, self.head_dim), QKV_AXES) for t in (q, k, v))
+    q, k, v = (constrain(t.reshape(b, t.shape[1], self.num_heads, self.head_dim), QKV_AXES)
+               for t in (q, k, v))
     rate = 0.0 if deterministic else self.dropout
     out = dot_product_attention(q, k, v, key_mask=key_mask, implementation=self.implementation, dropout_rate=rate,
                                 dropout_rng=self.make_rng("dropout") if rate > 0.0 else None)
