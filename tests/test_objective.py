@@ -1,5 +1,5 @@
-"""The trainer protocol (train/objective.py): every hook the loop or `ehrxdiff train` calls is declared on
-`Objective`, and its default does nothing (or refuses, naming the objective). No compile."""
+"""The trainer protocol (train/objective.py): every hook the loop or `ehrxdiff train` calls is
+declared on `Objective`, and its default does nothing (or refuses, naming the objective)."""
 import os
 import re
 
@@ -50,7 +50,8 @@ def test_hook_defaults(tiny_config):
   batches = iter([{"x": 1}])
   assert obj.sample_hook(None, batches, 5) is None
   assert next(batches) == {"x": 1}
-  with pytest.raises(NotImplementedError, match=r"train.init_from='runs/x': objective 'minimal' does not define"):
+  with pytest.raises(NotImplementedError,
+                     match=r"train.init_from='runs/x': objective 'minimal' does not define"):
     obj.init_from(None, "runs/x", None)
   # dummy_batch: the LDM batch of the config (numpy), batch axis first
   b = obj.dummy_batch(3)
@@ -62,8 +63,8 @@ def test_hook_defaults(tiny_config):
 
 
 def test_every_hook_the_callers_use_is_declared():
-  """Every attribute commands/train.py and train/loop.py use on an objective exists on the base class (no
-  hasattr / getattr look-ups of undeclared hooks)."""
+  """Every attribute commands/train.py and train/loop.py use on an objective exists on the base
+  class (no hasattr / getattr look-ups of undeclared hooks)."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   used = set()
   for path in ("ehrxdiff_jax/commands/train.py", "ehrxdiff_jax/train/loop.py"):
