@@ -361,21 +361,6 @@ def make_loader(data_dir: str, split: str, *, global_batch_size: int, config_dat
   return it_ds
 
 
-def to_global(batch: dict, mesh, batch_axes=("data", "fsdp")) -> dict:
-  """Per-process batch -> dict of global jax.Arrays sharded over `batch_axes` of `mesh` along the batch
-  axis (jax.make_array_from_process_local_data). The host-only 'key' is left out."""
-  import jax
-  from jax.sharding import NamedSharding, PartitionSpec
-  axes = tuple(a for a in batch_axes if a in mesh.axis_names)
-  out = {}
-  for k, v in batch.items():
-    if k == "key":
-      continue
-    spec = PartitionSpec(axes if axes else None, *([None] * (np.ndim(v) - 1)))
-    out[k] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), np.asarray(v))
-  return out
-
-
 def steps_per_epoch(data_dir: str, split: str, global_batch_size: int, w_null: bool = False) -> int:
   man = read_manifest(data_dir)
   n = man["splits"][split]["samples"] + (man["splits"][split]["distinct_targets"] if w_null else 0)

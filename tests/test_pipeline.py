@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from data_prep import write
-from ehrxdiff_jax import pipeline
+from ehrxdiff_jax import parallel, pipeline
 from ehrxdiff_jax import records as rec
 
 D, S = 8, 16  # event width, image size
@@ -200,7 +200,7 @@ def test_to_global_on_mesh(ds):
   mesh = Mesh(np.array(jax.devices()).reshape(-1, 1), ("data", "fsdp"))
   n = len(jax.devices())
   b = next(iter(loader(ds, bs=n)))
-  g = pipeline.to_global(b, mesh)
+  g = parallel.to_global(b, mesh)
   assert "key" not in g and g["events"].shape == (n, 10, D)
   assert len(g["events"].sharding.device_set) == n
   assert np.array_equal(np.asarray(g["event_mask"]), b["event_mask"])

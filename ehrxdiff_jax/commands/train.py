@@ -116,17 +116,6 @@ def check_event_dim(cfg, objective, manifest: dict, data_dir: str) -> None:
                     f"--event-dim {events.shape[-1]}")
 
 
-def check_demographics(data_dir: str, split: str, probe: int = 256) -> None:
-  """The demographics classifier learns from the records' age/sex/race meta: refuse a dataset prepared
-  without them (before they were recorded), which would otherwise train on nothing but unknowns."""
-  from ehrxdiff_jax import pipeline
-  from ehrxdiff_jax.evaluate.demographics import has_demographics
-  src = pipeline.data_source(data_dir, split)
-  if not any(has_demographics(src[i]["meta"]) for i in range(min(len(src), probe))):
-    raise UserError(f"the {split!r} records of {data_dir} carry no age/sex/race (first {min(len(src), probe)} "
-                    "checked): re-run `ehrxdiff prepare` (it records them) to train the demographics classifier")
-
-
 def make_data(cfg, objective, mesh, data_dir: str):
   """(train iterator, eval iterator factory or None, schema note) for this process."""
   from ehrxdiff_jax import parallel
@@ -139,8 +128,7 @@ def make_data(cfg, objective, mesh, data_dir: str):
     return train, (lambda: SyntheticBatches(template, b, seed=10_000 + int(cfg.data.shuffle_seed), rows=rows))
   from ehrxdiff_jax import pipeline
   manifest = pipeline.read_manifest(data_dir)  # refuses a schema version mismatch, naming both versions
-  if "age" in objective.dummy_batch(1):
-    check_demographics(data_dir, cfg.data.train_split)
+  objective.check_data(data_dir, cfg.data.train_split)
   max_events = int(cfg.model.conditioner.max_events)
   train = iter(pipeline.make_loader(data_dir, cfg.data.train_split, global_batch_size=b, config_data=cfg.data,
                                     seed=int(cfg.data.shuffle_seed), shuffle=True, max_events=max_events))
@@ -210,9 +198,11 @@ def run(args) -> int:
     state = _start_state(cfg, args, trainer, ckpt, train_iter, data_dir)
     meta = {"config_name": cfg.name, "objective": cfg.train.objective}
     hooks = []
-    if int(cfg.train.sample_every) > 0 and hasattr(objective, "sample_hook"):
+    if int(cfg.train.sample_every) > 0:
       batches = eval_fn() if eval_fn is not None else make_data(cfg, objective, mesh, data_dir)[0]
-      hooks.append(objective.sample_hook(trainer, next(batches), int(cfg.train.sample_every)))
+      hook = objective.sample_hook(trainer, batches, int(cfg.train.sample_every))
+      if hook is not None:
+        hooks.append(hook)
     if jax.process_index() == 0:
       write_config(workdir, cfg)  # the run is accepted
     state = fit(trainer, state, train_iter, num_steps=args.steps, workdir=workdir, checkpointer=ckpt,
@@ -236,7 +226,7 @@ def _start_state(cfg, args, trainer, ckpt, train_iter, data_dir: str):
   else:
     state = trainer.init_state()
     if cfg.train.init_from:
-      state = initialise_from(state, cfg.train.init_from, trainer)
+      state = trainer.objective.init_from(state, cfg.train.init_from, trainer)
     if cfg.train.get("vae_from"):
       from ehrxdiff_jax.train.vae import vae_init_state
       state = vae_init_state(state, cfg.train.vae_from)
@@ -247,15 +237,3 @@ def _start_state(cfg, args, trainer, ckpt, train_iter, data_dir: str):
       raise UserError(str(e)) from e
   return state
 
-
-def initialise_from(state, path: str, trainer):
-  """Copies matching top-level parameter parts from another run's latest checkpoint (e.g. CLIP towers).
-
-  Hook for the CLIP / VAE trainers: the mapping of a pretraining checkpoint into this objective's
-  parameters belongs to the objective (`objective.init_from(state, path)` when it defines one).
-  """
-  hook = getattr(trainer.objective, "init_from", None)
-  if hook is None:
-    raise UserError(f"train.init_from={path!r}: objective {trainer.objective.name!r} cannot be initialised "
-                    "from another run (it defines no init_from)")
-  return hook(state, path, trainer)

@@ -184,10 +184,12 @@ class Trainer:
     self._abstract = nn.unbox(abstract_boxed)
     self.batch_sharding = parallel.batch_sharding(mesh)
     self.replicated = parallel.replicated(mesh)
-    self._step = jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
+    self._step = jax.jit(parallel.under_rules(self._train_step, self.rules),
+                         in_shardings=(self.state_shardings, self.batch_sharding),
                          out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,))
     self._finite = jax.jit(_finite_parts, in_shardings=(self.state_shardings,), out_shardings=self.replicated)
-    self._eval = jax.jit(self._eval_step, in_shardings=(self.state_shardings, self.batch_sharding, None),
+    self._eval = jax.jit(parallel.under_rules(self._eval_step, self.rules),
+                         in_shardings=(self.state_shardings, self.batch_sharding, None),
                          out_shardings=self.replicated)
     self.batch_keys = tuple(sorted(parallel.device_batch(objective.dummy_batch(1))))
     self._compiled = None
