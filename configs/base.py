@@ -1,4 +1,7 @@
-"""The base config: the paper's EHRXDiff (no w_null), every field that any trainer or tool reads.
+"""The base config: the paper's EHRXDiff (no w_null), every field that the shared machinery reads.
+
+Options of one trainer only are declared in its config (train.clip_* in clip.py, train.vae_* in vae.py,
+model.imagenome_classifier in image_classifier.py).
 
 Named variants (`ehrxdiff.py`, `ehrxdiff_wnull.py`, `tiny.py`, hardware files) import `get_config` from
 here and change a few fields. Every field can be overridden on the command line:
@@ -89,6 +92,9 @@ def get_config() -> ml_collections.ConfigDict:
       cached_latents=False,      # use VAE latents stored in the records instead of encoding images
       shuffle_seed=0,
       num_workers=0,             # grain worker processes; 0 = in-process (fastest on 2 cores)
+      read_threads=0,            # grain read threads per process; 0 = 1
+      prefetch=2,                # grain prefetch buffer (batches)
+      labels=None,               # label set of the batch: imagenome | chexpert | '' (none); None = imagenome if present
       train_split="train",
       valid_split="valid",
   ))

@@ -1,7 +1,7 @@
 """The cohort of (I_prev, I_trg) pairs, restating the reference rules:
 
 * adults: age at admission = (year of admittime - anchor_year) + anchor_age >= min_age (18);
-* frontal views only (ViewPosition PA or AP);
+* frontal views only (ViewPosition PA or AP); every image left out is counted by its ViewPosition;
 * an image belongs to an admission when admittime < t_image <= dischtime (same subject);
 * pairs are two images of the same admission from different studies with distinct times and
   0 < t_trg - t_prev <= window (48 h); every earlier image pairs with each later one.
@@ -19,6 +19,10 @@ import pandas as pd
 
 from data_prep.tables import Counters, parse_ids, parse_times
 
+# The ViewPosition values of MIMIC-CXR-JPG 2.0.0's metadata (counted by name when they are left out).
+MIMIC_CXR_VIEWS = ("PA", "AP", "LATERAL", "LL", "AP AXIAL", "AP LLD", "AP RLD", "PA LLD", "PA RLD", "LAO", "RAO",
+                   "LPO", "XTABLE LATERAL", "SWIMMERS", "LLD", "RLD")
+
 
 def study_times(meta: pd.DataFrame, counters: Counters | None = None) -> pd.Series:
   """StudyDate (YYYYMMDD) + StudyTime (HHMMSS[.fff], leading zeros dropped) -> datetime64."""
@@ -26,8 +30,9 @@ def study_times(meta: pd.DataFrame, counters: Counters | None = None) -> pd.Seri
   tim = pd.to_numeric(meta["StudyTime"], errors="coerce")
   ok = date.notna() & tim.notna() & (tim >= 0) & (tim < 240000)
   text = pd.Series(pd.NA, index=meta.index, dtype=object)
-  text[ok] = (date[ok].astype(np.int64).astype(str) + " "
-              + tim[ok].astype(float).astype(np.int64).map(lambda v: f"{v:06d}"))
+  if ok.any():
+    text[ok] = (date[ok].astype(np.int64).astype(str) + " "
+                + tim[ok].astype(float).astype(np.int64).map(lambda v: f"{v:06d}"))
   out = pd.to_datetime(text, format="%Y%m%d %H%M%S", errors="coerce")
   bad = out.isna()
   if counters is not None and bad.any():
@@ -51,22 +56,39 @@ def admissions_with_age(patients: pd.DataFrame, admissions: pd.DataFrame,
       "anchor_age": pd.to_numeric(patients["anchor_age"], errors="coerce"),
       "anchor_year": pd.to_numeric(patients["anchor_year"], errors="coerce"),
   }).drop_duplicates("subject_id")
-  adm = adm.dropna(subset=["subject_id", "hadm_id", "admittime", "dischtime"])
-  adm = adm.merge(pat, on="subject_id", how="inner")
+  if counters is not None:
+    counters["hosp/patients: duplicate subject_id rows dropped"] += int(len(patients) - len(pat))
+  complete = adm.dropna(subset=["subject_id", "hadm_id", "admittime", "dischtime"])
+  known = complete[complete["subject_id"].isin(pat["subject_id"])]
+  if counters is not None:
+    counters["hosp/admissions: rows without subject_id, hadm_id, admittime or dischtime dropped"] += \
+        int(len(adm) - len(complete))
+    counters["hosp/admissions: rows of subjects not in hosp/patients dropped"] += int(len(complete) - len(known))
+  adm = known.merge(pat, on="subject_id", how="inner")
   adm["age"] = adm["admittime"].dt.year - adm["anchor_year"] + adm["anchor_age"]
   return adm.drop(columns=["anchor_age", "anchor_year"])
 
 
 def frontal_images(meta: pd.DataFrame, views=("PA", "AP"), counters: Counters | None = None) -> pd.DataFrame:
-  """Frontal images with parsed times: dicom_id, subject_id, study_id, time."""
-  m = meta[meta["ViewPosition"].isin(list(views))]
+  """Frontal images with parsed times: dicom_id, subject_id, study_id, time. The other images are counted
+  per ViewPosition (MIMIC-CXR's values; anything else, or empty, as unknown)."""
+  frontal = meta["ViewPosition"].isin(list(views))
+  if counters is not None:
+    for view, n in meta.loc[~frontal, "ViewPosition"].fillna("").value_counts().items():
+      name = f"ViewPosition {view}" if view in MIMIC_CXR_VIEWS else "an unknown or empty ViewPosition"
+      counters[f"mimic-cxr metadata: images with {name} dropped"] += int(n)
+  m = meta[frontal]
   out = pd.DataFrame({
       "dicom_id": m["dicom_id"].astype(str),
       "subject_id": parse_ids(m["subject_id"], counters, "mimic-cxr metadata"),
       "study_id": parse_ids(m["study_id"], counters, "mimic-cxr metadata"),
       "time": study_times(m, counters),
   })
-  return out.dropna(subset=["subject_id", "study_id", "time"]).reset_index(drop=True)
+  kept = out.dropna(subset=["subject_id", "study_id", "time"]).reset_index(drop=True)
+  if counters is not None:
+    counters["mimic-cxr metadata: frontal images without subject_id, study_id or time dropped"] += \
+        int(len(out) - len(kept))
+  return kept
 
 
 def build_pairs(adm: pd.DataFrame, images: pd.DataFrame, *, window_hours: float = 48,

@@ -15,7 +15,9 @@ Per table (`event_filters.json`, vendored from the reference) the big files are 
 Rows with an empty hadm_id (labs ordered outside the hospital encounter, some microbiology) attach to
 the subject's cohort admission whose [admittime, dischtime] contains the event time (the reference
 drops them because it joins on hadm_id). Microbiology rows with only a chartdate have no time and are
-dropped (counted). Rows whose time does not parse are counted as malformed.
+dropped (counted). Rows whose time does not parse are counted as malformed, and so are selected rows
+lost to an id that is not an integer (a malformed hadm_id; a malformed or missing subject_id where the
+hadm_id is empty): they cannot be matched to the cohort.
 
 `assemble` then gives each pair the events with t_prev <= t <= t_trg, sorted by (time, table order
 in the filter file, row order in the file), keeping the last `max_events`.
@@ -35,14 +37,19 @@ import pandas as pd
 
 from data_prep.tables import (DEFAULT_CHUNK_ROWS, Counters, find_file, iter_chunks, parse_ids,
                               parse_times, read_table, require_columns)
+from ehrxdiff_jax.errors import UserError
 
 FILTERS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "event_filters.json")
 ALWAYS_DROPPED = ("hadm_id", "stay_id")
 
 
 def load_filters(path: str | None = None) -> dict:
-  with open(path or FILTERS_PATH) as f:
-    return json.load(f)
+  path = path or FILTERS_PATH
+  with open(path) as f:
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:
+      raise UserError(f"{path}: not a valid event filter file ({e}); fix it or leave out --filters") from None
 
 
 @dataclasses.dataclass
@@ -209,6 +216,8 @@ def stream_table(mimic_iv: str, spec: TableSpec, filters: dict, win: pd.DataFram
     h_col = chunk["hadm_id"]
     in_h_all = h_col.isin(hadm_strs).to_numpy()
     no_h_all = h_col.isna().to_numpy() & chunk["subject_id"].isin(subject_strs).to_numpy()
+    lost = np.flatnonzero(keep & ~(in_h_all | no_h_all))
+    _count_malformed_ids(h_col.iloc[lost], chunk["subject_id"].iloc[lost], spec.name, counters)
     keep &= in_h_all | no_h_all
     if not keep.any():
       continue
@@ -251,6 +260,18 @@ def stream_table(mimic_iv: str, spec: TableSpec, filters: dict, win: pd.DataFram
   cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)  # noqa: E731
   return EventBlock(spec.name, spec.order, cat(out_h, np.int64), cat(out_t, np.int64),
                     cat(out_s, np.int64), cat(out_x, np.int32), list(intern))
+
+
+def _count_malformed_ids(h: pd.Series, subject: pd.Series, table: str, counters: Counters) -> None:
+  """Counts the selected rows (hadm_id, subject_id strings) left outside the cohort by a malformed id."""
+  if not len(h):
+    return
+  bad_h = int((h.notna() & ~h.fillna("").str.isdecimal()).sum())
+  bad_s = int((h.isna() & ~subject.fillna("").str.isdecimal()).sum())
+  if bad_h:
+    counters[f"{table}: rows with a malformed hadm_id dropped"] += bad_h
+  if bad_s:
+    counters[f"{table}: rows with an empty hadm_id and a malformed or missing subject_id dropped"] += bad_s
 
 
 def _stream_job(args):

@@ -45,6 +45,7 @@ from data_prep import write as write_lib
 from data_prep.tables import Counters, find_file, fingerprint, read_table
 from ehrxdiff_jax import outputs
 from ehrxdiff_jax import records as rec
+from ehrxdiff_jax.errors import UserError
 
 SPLITS = ("train", "valid", "test")
 CXR_META = "mimic-cxr-2.0.0-metadata"
@@ -115,12 +116,12 @@ def assign_splits(pairs: pd.DataFrame, split_file: str | None, fractions=(0.9, 0
       return pairs["subject_id"].astype(np.int64).map(m).fillna("unassigned")
     df = pd.read_csv(split_file, dtype=str)
     if "split" not in df:
-      raise ValueError(f"{split_file}: missing column 'split'")
+      raise UserError(f"{split_file}: missing column 'split'")
     df["split"] = df["split"].map(lambda s: norm.get(s, s))
     if "dicom_id" in df:  # MIMIC-CXR's official split: by target image
       return pairs["trg_dicom"].map(dict(zip(df["dicom_id"], df["split"]))).fillna("unassigned")
     if "subject_id" not in df:
-      raise ValueError(f"{split_file}: missing column 'subject_id' (or 'dicom_id')")
+      raise UserError(f"{split_file}: missing column 'subject_id' (or 'dicom_id')")
     m = dict(zip(df["subject_id"].astype(np.int64), df["split"]))
     return pairs["subject_id"].astype(np.int64).map(m).fillna("unassigned")
   subjects = np.unique(pairs["subject_id"].to_numpy(np.int64))
@@ -140,7 +141,7 @@ def imagenome_source(args) -> str:
   """The file the 'imagenome' labels come from (checked now, read after the cohort): the release's silver
   file (--chest-imagenome) or the per-image CSV (--imagenome-file)."""
   if args.chest_imagenome and args.imagenome_file:
-    raise ValueError("give one of --chest-imagenome and --imagenome-file")
+    raise UserError("give one of --chest-imagenome and --imagenome-file, not both")
   if args.imagenome_file:
     if not os.path.isfile(args.imagenome_file):
       raise FileNotFoundError(f"missing input file: {args.imagenome_file} (--imagenome-file)")
@@ -256,12 +257,31 @@ def _log(msg: str) -> None:
   print(f"[prepare {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def _print_counters(counters: Counters) -> None:
+  print("Counters (dropped / malformed / attached):")
+  for k, v in sorted(counters.items()):
+    print(f"  {k}: {v}")
+  sys.stdout.flush()
+
+
+def _split_fractions(text: str) -> tuple[float, ...]:
+  try:
+    fractions = tuple(float(x) for x in text.split(","))
+  except ValueError:
+    fractions = ()
+  if len(fractions) != 3 or min(fractions) < 0 or sum(fractions) <= 0:
+    raise UserError(f"--split-fractions {text!r}: expected three non-negative numbers TRAIN,VALID,TEST "
+                    "with a positive sum, e.g. 0.9,0.05,0.05")
+  return fractions
+
+
 def run(args) -> int:
   t_start = time.time()
   filters = events_lib.load_filters(args.filters)
   window = args.window_hours if args.window_hours is not None else filters.get("window_hours", 48)
   min_age = args.min_age if args.min_age is not None else filters.get("min_age", 18)
   label_sets = [s.strip() for s in (args.labels or "").split(",") if s.strip()]
+  fractions = _split_fractions(args.split_fractions)
   try:
     out = outputs.check_writable(args.out, args.overwrite)
   except FileExistsError as e:
@@ -299,8 +319,9 @@ def run(args) -> int:
   counters["cohort: pairs"] = len(pairs)
   _log(f"cohort: {len(pairs)} pairs from {pairs['subject_id'].nunique()} patients")
   if not len(pairs):
-    print("error: the cohort is empty (no pair of frontal images within an adult admission)", file=sys.stderr)
-    return 1
+    _print_counters(counters)
+    raise UserError(f"the cohort is empty: no pair of frontal images within one adult admission in {args.mimic_iv} "
+                    f"and {args.mimic_cxr} (the counters above say where the rows went)")
 
   # 2. events
   win = cohort_lib.windows(pairs)
@@ -327,13 +348,12 @@ def run(args) -> int:
   pairs = pairs[keep].reset_index(drop=True)
   ids = [x for x, k in zip(ids, keep) if k]
   if not len(pairs):
-    print("error: no sample left after the event and image checks", file=sys.stderr)
-    return 1
+    _print_counters(counters)
+    raise UserError("no sample left after the event and image checks (the counters above say where the pairs went)")
   _log(f"images: {len(image_files)} cached; {len(pairs)} samples")
 
   # 4. splits + labels
-  pairs["split"] = assign_splits(pairs, args.split_file, tuple(float(x) for x in args.split_fractions.split(",")),
-                                 args.seed)
+  pairs["split"] = assign_splits(pairs, args.split_file, fractions, args.seed)
   imagenome, gold = None, set()
   if imagenome_file:
     inputs["imagenome"] = fingerprint(imagenome_file)
@@ -410,19 +430,14 @@ def run(args) -> int:
     if encoder is not None:
       manifest["latents"] = encoder.info
     write_lib.write_json(os.path.join(tmp, rec.MANIFEST), manifest)
-  print("Counters (dropped / malformed / attached):")
-  for k, v in sorted(counters.items()):
-    print(f"  {k}: {v}")
+  _print_counters(counters)
   _log(f"done: {out} ({len(pairs)} samples, {time.time() - t_start:.1f}s)")
   return 0
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog="ehrxdiff prepare", description=__doc__.split("\n")[0])
-  add_arguments(p)
-  args = p.parse_args(argv)
-  args.config_overrides = []
-  return run(args)
+  from ehrxdiff_jax import cli
+  return cli.main(["prepare", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Reading the MIMIC CSV files: locate (.csv.gz or .csv), check columns, read small tables whole and
 stream big ones in bounded chunks, counting malformed rows and timestamps.
 
-Errors name the file and the column: a missing file raises `FileNotFoundError`, a missing column
-raises `SchemaError`.
+Errors name the file and the column: a missing file raises `FileNotFoundError`, a missing column or a
+file that does not read to its end (a truncated or corrupt .csv.gz) raises `SchemaError`.
 """
 from __future__ import annotations
 
@@ -13,15 +13,27 @@ import hashlib
 import os
 import re
 import warnings
+import zlib
 from typing import Iterator, Sequence
 
 import pandas as pd
 
+from ehrxdiff_jax.errors import UserError
+
 DEFAULT_CHUNK_ROWS = 1_000_000
 
 
-class SchemaError(ValueError):
-  """A required column is missing from an input file."""
+class SchemaError(UserError):
+  """A required column is missing from an input file, or the file cannot be read to its end."""
+
+
+# What a truncated or corrupt (gzip) CSV raises part-way through reading.
+_UNREADABLE = (EOFError, OSError, zlib.error, UnicodeDecodeError, pd.errors.ParserError)
+
+
+def _unreadable(path: str, e: Exception) -> SchemaError:
+  return SchemaError(f"{path}: truncated or corrupt, cannot read it to its end ({type(e).__name__}: {e}); "
+                     "download or extract it again (`gzip -t` checks a .csv.gz)")
 
 
 class Counters(collections.Counter):
@@ -84,7 +96,10 @@ def read_table(root: str, name: str, columns: Sequence[str], counters: Counters 
   require_columns(path, columns)
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    df = pd.read_csv(path, **_read_kwargs(columns))
+    try:
+      df = pd.read_csv(path, **_read_kwargs(columns))
+    except _UNREADABLE as e:
+      raise _unreadable(path, e) from None
   _count_bad(caught, counters, name)
   return df[list(columns)]
 
@@ -99,13 +114,23 @@ def _pyarrow_chunks(path, columns, chunk_rows, counters, label, sep):
     return "skip"
 
   header = read_header(path, sep)
-  reader = pacsv.open_csv(
-      path, read_options=pacsv.ReadOptions(block_size=max(1 << 20, chunk_rows * 128), use_threads=False),
-      parse_options=pacsv.ParseOptions(delimiter=sep, invalid_row_handler=on_bad, newlines_in_values=True),
-      convert_options=pacsv.ConvertOptions(include_columns=list(columns),
-                                           column_types={c: pa.string() for c in header},
-                                           strings_can_be_null=True, quoted_strings_can_be_null=True))
-  for batch in reader:
+  try:
+    reader = pacsv.open_csv(
+        path, read_options=pacsv.ReadOptions(block_size=max(1 << 20, chunk_rows * 128), use_threads=False),
+        parse_options=pacsv.ParseOptions(delimiter=sep, invalid_row_handler=on_bad,
+                                           newlines_in_values=True),
+        convert_options=pacsv.ConvertOptions(include_columns=list(columns),
+                                             column_types={c: pa.string() for c in header},
+                                             strings_can_be_null=True, quoted_strings_can_be_null=True))
+  except (pa.ArrowInvalid, *_UNREADABLE) as e:
+    raise _unreadable(path, e) from None
+  while True:
+    try:
+      batch = reader.read_next_batch()
+    except StopIteration:
+      break
+    except (pa.ArrowInvalid, *_UNREADABLE) as e:
+      raise _unreadable(path, e) from None
     if counters is not None and bad[0]:
       counters[f"{label}: malformed rows"] += bad[0]
       bad[0] = 0
@@ -115,7 +140,10 @@ def _pyarrow_chunks(path, columns, chunk_rows, counters, label, sep):
 
 
 def _pandas_chunks(path, columns, chunk_rows, counters, label, sep):
-  reader = pd.read_csv(path, chunksize=chunk_rows, **_read_kwargs(columns, sep))
+  try:
+    reader = pd.read_csv(path, chunksize=chunk_rows, **_read_kwargs(columns, sep))
+  except _UNREADABLE as e:
+    raise _unreadable(path, e) from None
   with reader:
     while True:
       with warnings.catch_warnings(record=True) as caught:
@@ -124,6 +152,8 @@ def _pandas_chunks(path, columns, chunk_rows, counters, label, sep):
           chunk = next(reader)
         except StopIteration:
           chunk = None
+        except _UNREADABLE as e:
+          raise _unreadable(path, e) from None
       _count_bad(caught, counters, label)
       if chunk is None:
         return

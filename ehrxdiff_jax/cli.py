@@ -1,10 +1,16 @@
 """`ehrxdiff`: thin command-line front end. Each subcommand lives in the module named below, which
-defines `add_arguments(parser)` and `run(args) -> int`; modules are imported only when their command runs."""
+defines `add_arguments(parser)` and `run(args) -> int`; modules are imported only when their command runs.
+
+A user error (`ehrxdiff_jax/errors.py`: bad input, bad config, refused output) is printed as one line
+`error: ...` with exit status 2; `--debug` (or EHRXDIFF_DEBUG=1) shows its traceback instead."""
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+from ehrxdiff_jax import errors
 
 COMMANDS = {
     "info": ("ehrxdiff_jax.commands.info", "parameter counts and forward FLOPs of every network of a config"),
@@ -41,13 +47,21 @@ def main(argv: list[str] | None = None) -> int:
   module = importlib.import_module(module_name)
   parser = argparse.ArgumentParser(prog=f"ehrxdiff {command}", description=help_)
   module.add_arguments(parser)
+  parser.add_argument("--debug", action="store_true",
+                      help=f"show the traceback of an input or config error (or set {errors.DEBUG_ENV}=1)")
   args, unknown = parser.parse_known_args(argv[1:])
   overrides = [u for u in unknown if u.startswith("--config.")]
   rest = [u for u in unknown if not u.startswith("--config.")]
   if rest:
     parser.error(f"unrecognised arguments: {' '.join(rest)}")
   args.config_overrides = overrides
-  return int(module.run(args) or 0)
+  try:
+    return int(module.run(args) or 0)
+  except errors.USER_ERRORS as e:
+    if args.debug or os.environ.get(errors.DEBUG_ENV, "") not in ("", "0"):
+      raise
+    print(f"error: {errors.message(e)}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ import sys
 
 import ml_collections
 
+from ehrxdiff_jax.errors import UnknownKeyError, UserError
+
 
 def load_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_collections.ConfigDict:
   """Loads `path` (optionally `path:arg`, passed to get_config) and applies overrides in order."""
@@ -77,7 +79,7 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
   """Applies one 'config.a.b=value' (or 'a.b=value') override; unknown keys are an error."""
   item = item.lstrip("-")
   if "=" not in item:
-    raise ValueError(f"override {item!r} is not of the form --config.key=value")
+    raise UserError(f"override {item!r} is not of the form --config.key=value")
   key, text = item.split("=", 1)
   if key.startswith("config."):
     key = key[len("config."):]
@@ -85,11 +87,11 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
   node = config
   for p in parents:
     if p not in node:
-      raise KeyError(f"unknown config key {key!r} (no {p!r})")
+      raise UnknownKeyError(f"unknown config key {key!r} (no {p!r})")
     node = node[p]
   if leaf not in node:
-    raise KeyError(f"unknown config key {key!r}")
+    raise UnknownKeyError(f"unknown config key {key!r}")
   try:
     node[leaf] = _parse_value(text, node[leaf])
   except ValueError as e:
-    raise ValueError(f"--config.{key}: {e}") from None
+    raise UserError(f"--config.{key}: {e}") from None

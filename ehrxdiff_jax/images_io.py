@@ -1,13 +1,16 @@
 """Writing generated X-rays: 8-bit grey PNGs and the labelled comparison grid (PIL only).
 
+    png_name(key)                      a sample's PNG file stem (`sample` writes, `evaluate` reads)
     to_uint8(img)                      [-1, 1] float [H, W] or [H, W, C] -> uint8 grey [H, W]
-    write_png(path, img, size=None)    one 8-bit grey PNG (optionally resized to size x size), atomically
-    make_grid(columns, ...)            columns [(title, [N, H, W(, C)] in [-1, 1])] -> uint8 [H', W'] with the
-                                       titles above the columns and optional small row labels
+    write_png(path, img, size=None)    one 8-bit grey PNG (optionally resized to size x size),
+                                       atomically
+    make_grid(columns, ...)            columns [(title, [N, H, W(, C)] in [-1, 1])] -> uint8 grid
+                                       with the titles above the columns and optional row labels
     write_grid(path, columns, ...)     the same, saved as PNG
 
 Grey = mean over the channels (the networks work on the grey image replicated to 3 channels);
-uint8 = round((x + 1) * 127.5) after clipping to [-1, 1], the inverse of the pipeline's x / 127.5 - 1.
+uint8 = round((x + 1) * 127.5) after clipping to [-1, 1] (the inverse of the pipeline's
+x / 127.5 - 1).
 """
 from __future__ import annotations
 
@@ -15,6 +18,12 @@ import os
 from typing import Sequence
 
 import numpy as np
+
+
+def png_name(key: str) -> str:
+  """File stem of a sample key: characters other than letters, digits, '-', '_', '.' become '_'."""
+  name = "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
+  return name or "sample"
 
 
 def to_uint8(img) -> np.ndarray:
@@ -30,7 +39,8 @@ def to_uint8(img) -> np.ndarray:
 
 def _pil(img, size: int | None = None):
   from PIL import Image
-  im = Image.fromarray(to_uint8(img) if np.asarray(img).dtype != np.uint8 else np.asarray(img), mode="L")
+  pixels = np.asarray(img) if np.asarray(img).dtype == np.uint8 else to_uint8(img)
+  im = Image.fromarray(pixels, mode="L")
   if size is not None and im.size != (size, size):
     im = im.resize((size, size), Image.BICUBIC)
   return im
@@ -59,10 +69,11 @@ def _font():
 
 
 def make_grid(columns: Sequence[tuple[str, np.ndarray]], row_labels: Sequence[str] | None = None,
-              cell: int | None = None, pad: int = 2, header: int = 14, label_height: int = 12) -> np.ndarray:
-  """A uint8 grey grid: one column per (title, images [N, H, W(, C)] in [-1, 1]), one row per sample.
+              cell: int | None = None, pad: int = 2, header: int = 14,
+              label_height: int = 12) -> np.ndarray:
+  """A uint8 grey grid: a column per (title, images [N, H, W(, C)] in [-1, 1]), a row per sample.
 
-  Titles are drawn above the columns; `row_labels` (e.g. sample keys, shortened to fit) under each row.
+  Titles are drawn above the columns; `row_labels` (e.g. sample keys, shortened) under each row.
   `cell`: resize every image to cell x cell (default: the first column's height)."""
   from PIL import Image, ImageDraw
   if not columns:
@@ -89,12 +100,13 @@ def make_grid(columns: Sequence[tuple[str, np.ndarray]], row_labels: Sequence[st
     for i, label in enumerate(row_labels):
       y = header + i * (cell + lab + pad) + cell
       text = str(label)
-      draw.text((pad, y), text if len(text) <= chars else text[:chars - 1] + "~", fill=200, font=font)
+      text = text if len(text) <= chars else text[:chars - 1] + "~"
+      draw.text((pad, y), text, fill=200, font=font)
   return np.asarray(canvas, np.uint8)
 
 
-def write_grid(path: str, columns: Sequence[tuple[str, np.ndarray]], row_labels: Sequence[str] | None = None,
-               **kwargs) -> np.ndarray:
+def write_grid(path: str, columns: Sequence[tuple[str, np.ndarray]],
+               row_labels: Sequence[str] | None = None, **kwargs) -> np.ndarray:
   """make_grid(...) saved as an 8-bit grey PNG at `path`; returns the grid array."""
   grid = make_grid(columns, row_labels, **kwargs)
   write_png(path, grid)

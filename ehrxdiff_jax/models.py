@@ -1,4 +1,4 @@
-"""Builds the networks of a config and their parameter trees (the one place that maps config -> modules).
+"""Builds the networks of a config and their parameter trees (the one map from config to modules).
 
 Parameter tree of the LDM: {'unet': ..., 'conditioner': ..., 'vae': ...} (see CONTRIBUTING.md).
 Initialisation goes through `jax.eval_shape` (shapes, counts, FLOPs without allocating) and a jitted
@@ -15,14 +15,19 @@ from ehrxdiff_jax.nn.layers import compute_dtype
 
 
 def _common(cfg: ml_collections.ConfigDict) -> dict:
-  return dict(dtype=compute_dtype(cfg.model.dtype), attention=cfg.model.attention, remat=cfg.model.remat)
+  return dict(dtype=compute_dtype(cfg.model.dtype), attention=cfg.model.attention,
+              remat=cfg.model.remat)
 
 
-def latent_shape(cfg: ml_collections.ConfigDict) -> tuple[int, int, int]:
-  """(h, w, c) of the VAE latent for the config's image size."""
-  factor = 2 ** (len(cfg.model.vae.ch_mult) - 1)
-  size = cfg.data.image_size // factor
-  return size, size, cfg.model.vae.embed_dim
+def latent_shape(cfg: ml_collections.ConfigDict,
+                 image_size: int | None = None) -> tuple[int, int, int]:
+  """(h, w, c) of the VAE latent for `image_size` (default `c.data.image_size`)."""
+  from ehrxdiff_jax.nn.vae import downsample_factor
+  size = int(image_size or cfg.data.image_size)
+  f = downsample_factor(cfg.model.vae.ch_mult)
+  if size % f:
+    raise ValueError(f"image size {size} is not divisible by the VAE factor {f}")
+  return size // f, size // f, int(cfg.model.vae.embed_dim)
 
 
 def build_vae(cfg):
@@ -60,7 +65,7 @@ def build_conditioner(cfg):
 
 
 def dummy_batch(cfg, batch_size: int = 1) -> dict:
-  """A zero batch with the shapes of the pipeline's batches (CONTRIBUTING.md), for init and tracing."""
+  """A zero batch with the shapes of the pipeline's (CONTRIBUTING.md), for init and tracing."""
   s = cfg.data.image_size
   e, d = cfg.model.conditioner.max_events, cfg.model.table_tower.event_dim
   return {
@@ -72,7 +77,7 @@ def dummy_batch(cfg, batch_size: int = 1) -> dict:
 
 
 def unet_input(z_t, prev_mean, cfg):
-  """The UNet input: z_t, with the scaled VAE mean of I_prev concatenated when the config asks for it."""
+  """The UNet input: z_t, and the scaled VAE mean of I_prev concatenated when the config asks."""
   if cfg.model.conditioner.vae_concat:
     return jnp.concatenate([z_t, prev_mean * cfg.diffusion.scale_factor], axis=-1)
   return z_t
@@ -90,14 +95,15 @@ def init_ldm(cfg, rng, batch_size: int = 1) -> dict:
   vae_vars = vae.init(r_vae, batch["prev_image"])
   h, w, c = latent_shape(cfg)
   prev_mean = jnp.zeros((batch_size, h, w, c), jnp.float32)
-  cond_vars = cond.init(r_cond, batch["prev_image"], prev_mean, batch["events"], batch["event_mask"])
-  context = jax.eval_shape(lambda: cond.apply(cond_vars, batch["prev_image"], prev_mean, batch["events"],
-                                              batch["event_mask"]))
+  cond_inputs = (batch["prev_image"], prev_mean, batch["events"], batch["event_mask"])
+  cond_vars = cond.init(r_cond, *cond_inputs)
+  context = jax.eval_shape(lambda: cond.apply(cond_vars, *cond_inputs))
   context = None if context is None else jnp.zeros(context.shape, context.dtype)
   z = unet_input(jnp.zeros((batch_size, h, w, c)), prev_mean, cfg)
   unet_vars = unet.init(r_unet, z, jnp.zeros((batch_size,), jnp.int32), context)
   # A conditioner with no cross-attention stream (the 'VAE concat only' ablation) has no parameters.
-  return {"unet": unet_vars["params"], "conditioner": cond_vars.get("params", {}), "vae": vae_vars["params"]}
+  return {"unet": unet_vars["params"], "conditioner": cond_vars.get("params", {}),
+          "vae": vae_vars["params"]}
 
 
 def param_count(tree) -> int:

@@ -7,13 +7,21 @@ the new output is complete.
 
 Several processes of one multi-host run write one output through the same temporary directory
 (`temporary_path(out, pid)` with a pid they agreed on); only one of them, the owner, creates and renames it.
+
+A killed run (SIGKILL, power loss) leaves its `OUT.tmp-<pid>` behind; the next run that writes OUT names
+and removes those whose process no longer runs on this machine (the owner, which creates temporary
+directories, is the one that checks).
 """
 from __future__ import annotations
 
 import contextlib
+import glob
+import logging
 import os
 import shutil
 from typing import Iterator
+
+log = logging.getLogger(__name__)
 
 
 def check_writable(out: str, overwrite: bool, allow_empty: bool = False) -> str:
@@ -33,6 +41,28 @@ def temporary_path(out: str, pid: int | None = None) -> str:
   return f"{os.path.abspath(out.rstrip('/'))}.tmp-{os.getpid() if pid is None else int(pid)}"
 
 
+def _running(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # another user's live process
+    return True
+  return True
+
+
+def remove_stale_temporaries(out: str) -> list[str]:
+  """Removes the `OUT.tmp-<pid>` left by processes that no longer run; returns their paths."""
+  removed = []
+  for path in sorted(glob.glob(glob.escape(os.path.abspath(out.rstrip("/")) + ".tmp-") + "*")):
+    pid = path.rsplit(".tmp-", 1)[1]
+    if pid.isdigit() and not _running(int(pid)) and os.path.isdir(path):
+      log.warning("removing %s: the unfinished output of an interrupted run (process %s no longer runs)", path, pid)
+      shutil.rmtree(path, ignore_errors=True)
+      removed.append(path)
+  return removed
+
+
 @contextlib.contextmanager
 def atomic_directory(out: str, overwrite: bool = False, allow_empty: bool = False, tmp: str | None = None,
                      owner: bool = True) -> Iterator[str]:
@@ -47,6 +77,7 @@ def atomic_directory(out: str, overwrite: bool = False, allow_empty: bool = Fals
   tmp = temporary_path(out) if tmp is None else tmp
   if owner:
     os.makedirs(os.path.dirname(out), exist_ok=True)
+    remove_stale_temporaries(out)
     if os.path.exists(tmp):
       shutil.rmtree(tmp)
     os.makedirs(tmp)

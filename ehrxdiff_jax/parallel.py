@@ -1,16 +1,18 @@
 """Device mesh, logical-axis rules -> shardings, batch placement and multi-host start-up.
 
 The only module (with the config's rule tables) that knows mesh axis names. Model code names logical
-axes (ehrxdiff_jax/nn/layers.py); `tree_shardings` maps every `nn.Partitioned` leaf of an abstract,
-boxed pytree to a `NamedSharding`:
+axes (ehrxdiff_jax/nn/layers.py) of parameters and of activations (`constrain`, active inside
+`under_rules`); `tree_shardings` maps every `nn.Partitioned` leaf of an abstract, boxed pytree to a
+`NamedSharding`, and `logical_to_spec` resolves both:
 
   * each logical name takes the first rule whose mesh axes are not yet used by the same array,
-  * a dimension not divisible by the product of its mesh axis sizes stays replicated on that dimension,
-  * an array with fewer than `c.mesh.min_shard_size` elements (and every unboxed leaf) is replicated.
+  * a dimension not divisible by the product of its mesh axis sizes stays replicated on it,
+  * an array with fewer than `c.mesh.min_shard_size` elements (and every unboxed leaf) is
+    replicated.
 
 The batch is sharded on its leading axis over ('data', 'fsdp'); each process feeds its own rows
-(`process_batch_rows`) and `to_global` assembles the global `jax.Array` (sending only the event rows that
-can be non-zero).
+(`process_batch_rows`) and `to_global` assembles the global `jax.Array` (sending only the event
+rows that can be non-zero).
 """
 from __future__ import annotations
 
@@ -37,18 +39,21 @@ BATCH_AXES = ("data", "fsdp")
 
 def add_distributed_arguments(parser) -> None:
   """The multi-host flags of every command that runs on several processes (train, sample)."""
-  parser.add_argument("--coordinator", default=None, help="multi-host: coordinator address HOST:PORT")
-  parser.add_argument("--num-processes", type=int, default=None, help="multi-host: number of processes")
-  parser.add_argument("--process-id", type=int, default=None, help="multi-host: this process's index")
+  parser.add_argument("--coordinator", default=None,
+                      help="multi-host: coordinator address HOST:PORT")
+  parser.add_argument("--num-processes", type=int, default=None,
+                      help="multi-host: number of processes")
+  parser.add_argument("--process-id", type=int, default=None,
+                      help="multi-host: this process's index")
 
 
 def init_distributed(coordinator: str | None = None, num_processes: int | None = None,
                      process_id: int | None = None) -> None:
   """Starts the multi-process runtime when there is more than one process.
 
-  Explicit flags win; otherwise SLURM (more than one task) and TPU pod slices initialise automatically
-  through `jax.distributed.initialize()`; a plain single-process run does nothing. On CPU the gloo
-  collectives are switched on (they are needed for cross-process all-reduces).
+  Explicit flags win; otherwise SLURM (more than one task) and TPU pod slices initialise
+  automatically through `jax.distributed.initialize()`; a plain single-process run does nothing. On
+  CPU the gloo collectives are switched on (cross-process all-reduces need them).
   Must run before anything touches a device.
   """
   explicit = coordinator is not None or (num_processes or 1) > 1
@@ -56,7 +61,8 @@ def init_distributed(coordinator: str | None = None, num_processes: int | None =
   tpu_pod = bool(os.environ.get("TPU_WORKER_HOSTNAMES", "").count(","))
   if not (explicit or slurm or tpu_pod):
     return
-  if (os.environ.get("JAX_PLATFORMS", "") or "").startswith("cpu") or os.environ.get("JAX_PLATFORM_NAME") == "cpu":
+  platforms = os.environ.get("JAX_PLATFORMS", "") or ""
+  if platforms.startswith("cpu") or os.environ.get("JAX_PLATFORM_NAME") == "cpu":
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if explicit:
     if coordinator is None or num_processes is None or process_id is None:
@@ -114,7 +120,8 @@ def data_parallel_size(mesh: Mesh) -> int:
 
 
 def check_batch(cfg, mesh: Mesh) -> None:
-  """Clear errors, before anything compiles, for batch sizes the mesh and accumulation cannot split."""
+  """Clear errors, before anything compiles, for batch sizes the mesh and accumulation cannot
+  split."""
   b, acc = int(cfg.train.batch_size), int(cfg.train.grad_accum)
   dp = data_parallel_size(mesh)
   if acc < 1 or b % acc:
@@ -122,11 +129,12 @@ def check_batch(cfg, mesh: Mesh) -> None:
   micro = b // acc
   if micro % dp:
     raise ValueError(
-        f"the micro-batch ({b} / grad_accum {acc} = {micro}) is not divisible by the data-parallel size "
-        f"{dp} (mesh data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']}); choose a global batch that "
-        f"is a multiple of {dp * acc}")
+        f"the micro-batch ({b} / grad_accum {acc} = {micro}) is not divisible by the data-parallel "
+        f"size {dp} (mesh data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']}); choose a "
+        f"global batch that is a multiple of {dp * acc}")
   if b % jax.process_count():
-    raise ValueError(f"train.batch_size={b} is not divisible by the process count {jax.process_count()}")
+    raise ValueError(f"train.batch_size={b} is not divisible by the process count "
+                     f"{jax.process_count()}")
 
 
 # ------------------------------------------------------------------ logical rules -> shardings
@@ -193,10 +201,19 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) axis over ('data', 'fsdp'), the rest replicated."""
-  del ndim
   return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def under_rules(fn, rules):
+  """`fn` traced with the logical-axis rules active, so that the activations the networks annotate
+  (nn/layers.constrain) get their shardings; jit the result under `jax.set_mesh`."""
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with nn.logical_axis_rules(rules):
+      return fn(*args, **kwargs)
+  return wrapped
 
 
 def rules_from_config(cfg) -> tuple:
@@ -204,7 +221,8 @@ def rules_from_config(cfg) -> tuple:
                for k, v in cfg.mesh.rules)
 
 
-EVENT_ROWS = "event_rows"   # host batch entry (pipeline._Batcher): rows of `events` that can be non-zero
+# host batch entry (pipeline._Batcher): the rows of `events` that can be non-zero
+EVENT_ROWS = "event_rows"
 
 
 def device_batch(batch: dict) -> dict:
@@ -222,13 +240,14 @@ def process_batch_rows(mesh: Mesh, global_batch: int) -> tuple[int, int]:
     rows.update(range(*sl.indices(global_batch)))
   start, stop = min(rows), max(rows) + 1
   if stop - start != len(rows):
-    raise ValueError("this process's batch rows are not contiguous; the mesh device order is unusual")
+    raise ValueError("this process's batch rows are not contiguous; the mesh device order is "
+                     "unusual")
   return start, stop
 
 
 def _packed_rows(events: np.ndarray, rows: np.ndarray, granule: int) -> np.ndarray:
-  """The first rows[i] rows of every events[i], concatenated, zero-padded to a multiple of `granule` rows (a
-  few shapes, so a few compilations of the unpacking)."""
+  """The first rows[i] rows of every events[i], concatenated, zero-padded to a multiple of
+  `granule` rows (a few shapes, so a few compilations of the unpacking)."""
   size = max(granule, -(-int(rows.sum()) // granule) * granule)
   out = np.zeros((size,) + events.shape[2:], events.dtype)
   offset = 0
@@ -240,7 +259,8 @@ def _packed_rows(events: np.ndarray, rows: np.ndarray, granule: int) -> np.ndarr
 
 @functools.partial(jax.jit, static_argnums=2)
 def _unpack_rows(packed, rows, max_events: int):
-  """_packed_rows inverted on the device: [R, D] + rows [b] -> [b, max_events, D] with zeros after rows[i]."""
+  """_packed_rows inverted on the device: [R, D] + rows [b] -> [b, max_events, D], zero after
+  rows[i]."""
   start = jnp.cumsum(rows) - rows
   slot = jnp.arange(max_events, dtype=jnp.int32)
   valid = slot[None, :] < rows[:, None]
@@ -249,15 +269,16 @@ def _unpack_rows(packed, rows, max_events: int):
 
 
 def _local_shards(sharding, shape, first_row: int):
-  """(device, slice of this process's rows) for every addressable device of a batch-sharded array."""
+  """(device, slice of this process's rows) for every addressable device of a batch-sharded
+  array."""
   for device, index in sharding.addressable_devices_indices_map(tuple(shape)).items():
     lo, hi, _ = index[0].indices(shape[0])
     yield device, slice(lo - first_row, hi - first_row)
 
 
 def _put_events(events: np.ndarray, rows: np.ndarray, sharding, shape, first_row: int):
-  """`events` [b, E, D] (this process's rows; zero from row rows[i] on) -> (global array, bytes sent): each
-  device is sent only its samples' first rows, packed, and unpacks them itself."""
+  """`events` [b, E, D] (this process's rows; zero from row rows[i] on) -> (global array, bytes
+  sent): each device is sent only its samples' first rows, packed, and unpacks them itself."""
   max_events = events.shape[1]
   granule = max(1, max_events // 8)
   rows = np.clip(np.asarray(rows, np.int32), 0, max_events)
@@ -267,17 +288,18 @@ def _put_events(events: np.ndarray, rows: np.ndarray, sharding, shape, first_row
     if key not in packed_of:
       packed_of[key] = _packed_rows(events[sl], rows[sl], granule)
     sent += packed_of[key].nbytes + rows[sl].nbytes
-    pieces.append(_unpack_rows(jax.device_put(packed_of[key], device), jax.device_put(rows[sl], device),
-                               max_events))
+    pieces.append(_unpack_rows(jax.device_put(packed_of[key], device),
+                               jax.device_put(rows[sl], device), max_events))
   return jax.make_array_from_single_device_arrays(tuple(shape), sharding, pieces), sent
 
 
-def to_global(batch: dict, mesh: Mesh, global_batch: int | None = None, stats: dict | None = None) -> dict:
-  """Host-local batch (this process's rows) -> dict of global jax.Arrays sharded over the batch axes.
+def to_global(batch: dict, mesh: Mesh, global_batch: int | None = None,
+              stats: dict | None = None) -> dict:
+  """Host-local batch (this process's rows) -> global jax.Arrays sharded over the batch axes.
 
-  With the host batch's `event_rows` (pipeline: the rows of `events` that can be non-zero) only those rows
-  of `events` travel (`_put_events`); `event_rows` itself stays on the host. `stats`: adds the bytes sent
-  to the devices under 'bytes'."""
+  With the host batch's `event_rows` (the rows of `events` that can be non-zero) only those rows
+  of `events` travel (`_put_events`); `event_rows` stays on the host. `stats`: adds the bytes
+  sent to the devices under 'bytes'."""
   sharding = batch_sharding(mesh)
   arrays = device_batch(batch)
   rows = arrays.pop(EVENT_ROWS, None)
@@ -305,4 +327,5 @@ def to_global(batch: dict, mesh: Mesh, global_batch: int | None = None, stats: d
 
 
 def describe(mesh: Mesh) -> str:
-  return "mesh " + " x ".join(f"{a}={mesh.shape[a]}" for a in MESH_AXES) + f" on {mesh.devices.size} devices"
+  axes = " x ".join(f"{a}={mesh.shape[a]}" for a in MESH_AXES)
+  return f"mesh {axes} on {mesh.devices.size} devices"

@@ -49,7 +49,10 @@ from typing import Any, Mapping
 import numpy as np
 
 from ehrxdiff_jax import records as rec
+from ehrxdiff_jax.errors import UserError
 from ehrxdiff_jax.evaluate import demographics
+
+REPREPARE = "re-run `ehrxdiff prepare` (with --overwrite) to rewrite the dataset"
 
 
 # ----------------------------------------------------------------------------- dataset files
@@ -58,11 +61,14 @@ def read_manifest(data_dir: str) -> dict:
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: {data_dir} is not a dataset written by `ehrxdiff prepare` "
                             "(or the run was interrupted)")
-  with open(path) as f:
-    man = json.load(f)
+  try:
+    with open(path) as f:
+      man = json.load(f)
+  except json.JSONDecodeError as e:
+    raise UserError(f"{path} is not valid JSON ({e}): the dataset is damaged; {REPREPARE}") from None
   if man.get("schema_version") != rec.SCHEMA_VERSION:
-    raise ValueError(f"{path}: schema version {man.get('schema_version')}, this code reads "
-                     f"{rec.SCHEMA_VERSION}; re-run `ehrxdiff prepare`")
+    raise UserError(f"{path}: schema version {man.get('schema_version')}, this code reads "
+                    f"{rec.SCHEMA_VERSION}; re-run `ehrxdiff prepare`")
   return man
 
 
@@ -85,26 +91,35 @@ class ShardedSource:
     self.data_dir, self.split, self.decode, self.gather_events = data_dir, split, decode, gather_events
     man = read_manifest(data_dir)
     if split not in man["splits"]:
-      raise KeyError(f"{data_dir}: no split {split!r}; splits are {sorted(man['splits'])}")
+      raise UserError(f"{data_dir}: no split {split!r}; splits are {sorted(man['splits'])}")
     self.manifest = man
     shards = man["splits"][split]["shards"]
     self.paths = [os.path.join(data_dir, s["file"]) for s in shards]
     for s, p in zip(shards, self.paths):
       if not os.path.exists(p):
-        raise FileNotFoundError(f"missing shard {p}")
+        raise FileNotFoundError(f"missing shard {p}; {REPREPARE}")
       size = os.path.getsize(p)
       if size != s["bytes"]:
-        raise ValueError(f"corrupted or truncated shard {p}: {size} bytes, the manifest says {s['bytes']}")
+        raise UserError(f"corrupted or truncated shard {p}: {size} bytes, the manifest says {s['bytes']}; {REPREPARE}")
     self.bounds = np.cumsum([0] + [s["records"] for s in shards])
     try:
       self._src = ArrayRecordDataSource(self.paths)
-    except Exception as e:
-      raise ValueError(f"corrupted shard in {self.paths}: {e}") from None
+    except Exception:  # noqa: BLE001 - find and name the shard that does not open
+      for s, p in zip(shards, self.paths):
+        _check_shard(ArrayRecordDataSource, p, s["records"])
+      raise
     if len(self._src) != self.bounds[-1]:
-      raise ValueError(f"corrupted shard in split {split!r}: {len(self._src)} records, manifest says {self.bounds[-1]}")
+      for s, p in zip(shards, self.paths):
+        _check_shard(ArrayRecordDataSource, p, s["records"])
     self.event_table = None
     if man.get("event_layout") == "table":
-      self.event_table = np.load(os.path.join(data_dir, rec.EVENT_TABLE), mmap_mode="r")
+      path = os.path.join(data_dir, rec.EVENT_TABLE)
+      try:
+        self.event_table = np.load(path, mmap_mode="r")
+      except FileNotFoundError:
+        raise FileNotFoundError(f"missing event table {path}; {REPREPARE}") from None
+      except (ValueError, OSError, EOFError) as e:  # a truncated file: "mmap length is greater than file size"
+        raise UserError(f"corrupted or truncated event table {path} ({e}); {REPREPARE}") from None
 
   def shard_of(self, index: int) -> str:
     return self.paths[int(np.searchsorted(self.bounds, index, "right") - 1)]
@@ -117,19 +132,29 @@ class ShardedSource:
     try:
       raw = self._src[index]
     except Exception as e:
-      raise ValueError(f"corrupted shard {self.shard_of(index)}: cannot read record {index}: {e}") from None
+      raise UserError(f"corrupted shard {self.shard_of(index)}: cannot read record {index}: {e}; {REPREPARE}") from None
     if not self.decode:
       return raw
     try:
       r = rec.decode_record(raw)
     except rec.RecordError as e:
-      raise ValueError(f"corrupted shard {self.shard_of(index)}: record {index}: {e}") from None
+      raise UserError(f"corrupted shard {self.shard_of(index)}: record {index}: {e}; {REPREPARE}") from None
     if "event_ids" in r and self.event_table is not None and self.gather_events:
       r["events"] = np.asarray(self.event_table[r.pop("event_ids")])
     return r
 
   def __repr__(self):
     return f"ShardedSource({self.data_dir!r}, {self.split!r}, {len(self)} records)"
+
+
+def _check_shard(open_source, path: str, records: int) -> None:
+  """UserError naming `path` if it does not open or holds another number of records than the manifest."""
+  try:
+    n = len(open_source([path]))
+  except Exception as e:  # noqa: BLE001 - array_record raises plain RuntimeErrors
+    raise UserError(f"corrupted shard {path}: it does not open ({e}); {REPREPARE}") from None
+  if n != records:
+    raise UserError(f"corrupted shard {path}: {n} records, the manifest says {records}; {REPREPARE}")
 
 
 def data_source(data_dir: str, split: str, decode: bool = True) -> ShardedSource:
@@ -348,21 +373,6 @@ def make_loader(data_dir: str, split: str, *, global_batch_size: int, config_dat
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
                                                            per_worker_buffer_size=2))
   return it_ds
-
-
-def to_global(batch: dict, mesh, batch_axes=("data", "fsdp")) -> dict:
-  """Per-process batch -> dict of global jax.Arrays sharded over `batch_axes` of `mesh` along the batch
-  axis (jax.make_array_from_process_local_data). The host-only 'key' is left out."""
-  import jax
-  from jax.sharding import NamedSharding, PartitionSpec
-  axes = tuple(a for a in batch_axes if a in mesh.axis_names)
-  out = {}
-  for k, v in batch.items():
-    if k == "key":
-      continue
-    spec = PartitionSpec(axes if axes else None, *([None] * (np.ndim(v) - 1)))
-    out[k] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), np.asarray(v))
-  return out
 
 
 def steps_per_epoch(data_dir: str, split: str, global_batch_size: int, w_null: bool = False) -> int:

@@ -23,6 +23,7 @@ import numpy as np
 
 from ehrxdiff_jax import batch_format
 from ehrxdiff_jax import diffusion as dfn
+from ehrxdiff_jax.nn.vae import downsample_factor
 
 # ------------------------------------------------------------------------------------------- keys
 
@@ -119,15 +120,6 @@ def sample_latents(denoise_fn: Callable, shape: Sequence[int], keys: jax.Array, 
 BATCH_KEYS = ("prev_image", "events", "event_mask", "prev_mean")
 
 
-def latent_shape(config, image_size: int | None = None) -> tuple[int, int, int]:
-  """(h, w, c) of the VAE latent for `image_size` (default `c.data.image_size`)."""
-  size = int(image_size or config.data.image_size)
-  f = 2 ** (len(config.model.vae.ch_mult) - 1)
-  if size % f:
-    raise ValueError(f"image size {size} is not divisible by the VAE factor {f}")
-  return (size // f, size // f, int(config.model.vae.embed_dim))
-
-
 def make_generate_fn(unet_apply: Callable, conditioner_apply: Callable, vae_decode: Callable, config, *,
                      vae_encode_mean: Callable | None = None, sampler: str | None = None,
                      steps: int | None = None, eta: float | None = None, guidance_scale: float | None = None,
@@ -166,7 +158,7 @@ def make_generate_fn(unet_apply: Callable, conditioner_apply: Callable, vae_deco
     null_fn = null_context
   else:
     raise ValueError(f"null_context must be 'zeros' or a callable, got {null_context!r}")
-  f = 2 ** (len(config.model.vae.ch_mult) - 1)
+  f = downsample_factor(config.model.vae.ch_mult)
   z_channels = int(config.model.vae.embed_dim)
 
   def _generate(params, batch, keys):

@@ -368,7 +368,8 @@ def test_records_without_demographics_omit_table6(plain_dataset, demographics_ru
 
 
 def test_demographics_classifier_refuses_data_without_demographics(plain_dataset, tmp_path):
-  with pytest.raises(SystemExit, match="carry no age/sex/race"):
+  from ehrxdiff_jax.errors import UserError
+  with pytest.raises(UserError, match="carry no age/sex/race"):
     train_run(DEMO_TINY, plain_dataset, str(tmp_path / "run"))
 
 

@@ -12,13 +12,19 @@ torch = pytest.importorskip("torch")
 
 from ehrxdiff_jax.config_util import apply_override, load_config  # noqa: E402
 from ehrxdiff_jax.interop import ehrxdiff as ex  # noqa: E402
+from ehrxdiff_jax.interop.clip import export_openai_visual, export_table_tower  # noqa: E402
 from ehrxdiff_jax.interop.common import ConversionError, load_state_dict  # noqa: E402
+from ehrxdiff_jax.interop.vae import export_ldm_vae  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# tiny.py made smaller still: the import tests never compile a network, the sample tests compile one.
-SMALL = ("model.unet.model_channels=16", "model.unet.channel_mult=(1, 2)", "model.unet.attention_levels=(1,)",
-         "model.unet.num_heads=2", "model.vae.ch=16", "model.image_tower.layers=1", "model.table_tower.layers=1")
+# tiny.py made smaller still (the import tests never compile a network, the sample tests compile
+# one), with what the reference's code fixes and no weight shows: GroupNorm(32), 8 UNet heads, tower
+# head dim 64.
+SMALL = ("model.unet.model_channels=64", "model.unet.channel_mult=(1, 2)",
+         "model.unet.attention_levels=(1,)", "model.unet.num_heads=8", "model.unet.norm_groups=32",
+         "model.vae.norm_groups=32", "model.image_tower.layers=1", "model.image_tower.heads=1",
+         "model.table_tower.layers=1", "model.table_tower.heads=1")
 
 
 def small_config(extra=()):
@@ -140,7 +146,7 @@ def test_missing_keys_are_errors(ref_ckpt):
 
 def test_config_mismatch_names_both_values(ref_ckpt):
   _, _, _, _, sd = ref_ckpt
-  with pytest.raises(ex.ConfigMismatch, match=r"model\.unet\.model_channels: the checkpoint has 16, the config has 32"):
+  with pytest.raises(ex.ConfigMismatch, match=r"model\.unet\.model_channels: the checkpoint has 64, the config has 32"):
     ex.import_ehrxdiff(sd, small_config(["model.unet.model_channels=32"]))
   with pytest.raises(ex.ConfigMismatch, match=r"model\.table_tower\.event_dim: the checkpoint has 64, the config has 48"):
     ex.import_ehrxdiff(sd, small_config(["model.table_tower.event_dim=48"]))
@@ -167,7 +173,7 @@ def test_conditioner_vae_copy_must_match(ref_ckpt):
 
 def test_cheff_vae_and_clip_files(ref_ckpt, tmp_path):
   cfg, params, _, _, _ = ref_ckpt
-  vae_sd = ex.export_ldm_vae(params["vae"])
+  vae_sd = export_ldm_vae(params["vae"])
   vae_sd["loss.logvar"] = np.zeros((), np.float32)  # the training loss of the autoencoder: skipped
   path = str(tmp_path / "cheff.pt")
   torch.save({k: torch.from_numpy(np.array(v)) for k, v in vae_sd.items()}, path)
@@ -178,8 +184,8 @@ def test_cheff_vae_and_clip_files(ref_ckpt, tmp_path):
     ex.import_cheff_vae(dict(vae_sd, **{"encoder.stray.weight": np.zeros(2, np.float32)}), cfg)
 
   towers = params["conditioner"]
-  clip_sd = {"model.visual." + k: v for k, v in ex.export_openai_visual(towers["image_tower"]).items()}
-  clip_sd.update({"model.transformer." + k: v for k, v in ex.export_table_tower(towers["table_tower"]).items()})
+  clip_sd = {"model.visual." + k: v for k, v in export_openai_visual(towers["image_tower"]).items()}
+  clip_sd.update({"model.transformer." + k: v for k, v in export_table_tower(towers["table_tower"]).items()})
   clip_sd["model.logit_scale"] = np.asarray(2.5, np.float32)
   clip_sd["model.ln_final.weight"] = np.ones(8, np.float32)  # OpenAI text-tower remnants: skipped
   path = str(tmp_path / "clip.ckpt")
@@ -193,3 +199,66 @@ def test_cheff_vae_and_clip_files(ref_ckpt, tmp_path):
   _same(img, towers["image_tower"])
   with pytest.raises(ex.ConfigMismatch, match="table_tower.event_dim"):
     ex.import_clip(clip_sd, small_config(["model.table_tower.event_dim=48"]))
+
+
+def test_fields_the_weights_do_not_show_are_refused(ref_ckpt):
+  """GroupNorm groups and head counts are in no weight shape: a config that differs from what the
+  reference's code fixes is refused naming the field and both values (GroupNorm(8) and 4 heads used
+  to import silently)."""
+  cfg, params, _, _, sd = ref_ckpt
+  with pytest.raises(ex.ConfigMismatch) as e:
+    ex.import_ehrxdiff(sd, small_config(["model.unet.norm_groups=8", "model.vae.norm_groups=16"]))
+  assert ("model.unet.norm_groups: the weights do not show it and the reference hard-codes "
+          "GroupNorm(32): 32, the config has 8") in str(e.value)
+  assert "model.vae.norm_groups" in str(e.value) and "the config has 16" in str(e.value)
+  with pytest.raises(ex.ConfigMismatch,
+                     match=r"model\.vae\.norm_groups: .*GroupNorm\(32\): 32, the config has 16"):
+    ex.import_cheff_vae(export_ldm_vae(params["vae"]), small_config(["model.vae.norm_groups=16"]))
+  # The norm groups cannot be stated away: the reference has no other.
+  with pytest.raises(ex.ConfigMismatch, match=r"model\.unet\.norm_groups"):
+    ex.import_ehrxdiff(sd, small_config(["model.unet.norm_groups=8"]), heads="config")
+
+  four = small_config(["model.unet.num_heads=4", "model.table_tower.heads=2"])
+  with pytest.raises(ex.ConfigMismatch) as e:
+    ex.import_ehrxdiff(sd, four)
+  msg = str(e.value)
+  assert "model.unet.num_heads: the weights do not show it and the reference's UNet has 8 heads" \
+      in msg
+  assert ": 8, the config has 4" in msg and "heads='config'" in msg
+  assert ("model.table_tower.heads: the weights do not show it and the reference's towers have "
+          "head dim 64 (event_dim 64): 1, the config has 2") in msg
+  assert "model.image_tower.heads" not in msg  # 1 head at width 64, as the config says
+  # Stated explicitly (the checkpoint was trained with other heads), the config's values are taken
+  _same(ex.import_ehrxdiff(sd, four, heads="config").params, params)
+  stated = {"model.unet.num_heads": 4, "model.table_tower.heads": 2}
+  _same(ex.import_ehrxdiff(sd, four, heads=stated).params, params)
+  # ... and a stated value is still checked against the config.
+  with pytest.raises(ex.ConfigMismatch,
+                     match=r"model\.unet\.num_heads: .*stated by the caller: 2, the config has 4"):
+    ex.import_ehrxdiff(sd, four, heads={"model.unet.num_heads": 2, "model.table_tower.heads": 2})
+  with pytest.raises(ValueError, match="unknown fields"):
+    ex.import_ehrxdiff(sd, four, heads={"model.unet.heads": 4})
+
+
+def test_head_counts_the_reference_layout_cannot_have_must_be_stated():
+  """A width that the reference's layout cannot split (UNet: 8 heads; towers: head dim 64) has no
+  reference head count: the import asks for it."""
+  fields = {"model.unet.model_channels": 36, "model.unet.channel_mult": (1, 3),
+            "model.unet.attention_levels": (1,), "model.image_tower.width": 96,
+            "model.table_tower.event_dim": 128}
+  unseen = ex.unseen_fields(fields)
+  assert unseen["model.unet.num_heads"][0] is None        # 108 channels at level 1 / 8: not whole
+  assert unseen["model.image_tower.heads"][0] is None     # 96 is not a multiple of 64
+  assert unseen["model.table_tower.heads"][0] == 2
+  assert unseen["model.unet.norm_groups"][0] == 32 and "model.vae.norm_groups" not in unseen
+  cfg = small_config(["model.unet.model_channels=36", "model.unet.channel_mult=(1, 3)",
+                      "model.image_tower.width=96", "model.table_tower.event_dim=128"])
+  with pytest.raises(ex.ConfigMismatch) as e:
+    ex.check_fields(None, cfg, fields=fields)
+  assert ("model.unet.num_heads: the weights do not show it and the reference's UNet has 8 heads "
+          "(head dim = channels / 8; attention widths [108, 108]) cannot give it; state the "
+          "checkpoint's head count") in str(e.value)
+  assert "model.image_tower.heads" in str(e.value) and "model.table_tower.heads" in str(e.value)
+  ex.check_fields(None, cfg, fields=fields, heads={"model.unet.num_heads": 8,
+                                                   "model.image_tower.heads": 1,
+                                                   "model.table_tower.heads": 1})

@@ -53,3 +53,26 @@ def test_shared_temporary_directory_only_the_owner_commits(tmp_path):
     assert os.path.isdir(tmp) and not os.path.exists(out)   # the non-owner neither renamed nor removed it
     (tmp_path / owner_tmp / "rows_0.txt").write_text("process 0")
   assert sorted(os.listdir(out)) == ["rows_0.txt", "rows_1.txt"] and not os.path.exists(tmp)
+
+
+def test_leftovers_of_dead_processes_are_named_and_removed(tmp_path, caplog):
+  """A SIGKILLed run leaves OUT.tmp-<pid>; the next run writing OUT removes it (not a live process's)."""
+  import subprocess
+  import sys
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()
+  live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+  try:
+    out = str(tmp_path / "out")
+    for pid in (dead.pid, live.pid):
+      os.makedirs(outputs.temporary_path(out, pid))
+      (tmp_path / f"out.tmp-{pid}" / "half.txt").write_text("half")
+    with caplog.at_level("WARNING"):
+      with outputs.atomic_directory(out) as tmp:
+        (tmp_path / tmp / "a.txt").write_text("new")
+    assert sorted(os.listdir(tmp_path)) == ["out", f"out.tmp-{live.pid}"]
+    assert (f"removing {outputs.temporary_path(out, dead.pid)}: the unfinished output of an interrupted run "
+            f"(process {dead.pid} no longer runs)") in caplog.text
+  finally:
+    live.kill()
+    live.wait()

@@ -1,4 +1,8 @@
-"""Mesh, logical rules -> shardings, batch placement, and the LDM step's equivalence across meshes."""
+"""Mesh, logical rules -> shardings (parameters and activations), batch placement, and the LDM
+step's equivalence across meshes."""
+import re
+from collections import Counter
+
 import jax
 import numpy as np
 import pytest
@@ -87,7 +91,8 @@ def ldm_losses(tiny_config):
       state, m = trainer.train_step(state, trainer.put_batch(next(data)))
       losses.append(float(m["loss"]))
     specs = jax.tree.map(lambda x: x.sharding.spec, state.params)
-    return np.array(losses), specs, float(jax.device_get(state.ema_params["unet"]["conv_in"]["kernel"]).sum())
+    ema_sum = float(jax.device_get(state.ema_params["unet"]["conv_in"]["kernel"]).sum())
+    return np.array(losses), specs, ema_sum, trainer.compile().as_text()
 
   return {"one": run(1, FSDP_RULES, data=1),
           "fsdp": run(8, FSDP_RULES, data=2, fsdp=4),
@@ -109,3 +114,64 @@ def test_ldm_loss_same_on_1_and_8_devices_tensor(ldm_losses):
   np.testing.assert_allclose(tensor[0], one[0], atol=1e-5, rtol=0)
   specs = [s for s in jax.tree.leaves(tensor[1], is_leaf=lambda x: isinstance(x, P)) if "tensor" in str(s)]
   assert specs, "no parameter sharded over tensor"
+
+
+# ------------------------------------------------------------------ activation shardings
+
+B = ("data", "fsdp")  # the 'batch' rule of FSDP_RULES and TENSOR_RULES
+
+
+def _micro_activations(spec_b, spec_heads):
+  """{(shape, per-axis mesh axes): count} that the micro LDM's step should constrain, each once
+  forward and once backward, with batch 8: the UNet's block inputs/outputs (NHWC: 16x16 with 3, 16
+  or 32 channels, 8x8 with 16 or 32), q/k/v [B, L, heads 2, head dim] of every attention and the
+  context [8, 8 tokens, 32]. Attention: 4 UNet transformers at 8x8 (down_1_attn_0, mid_attn,
+  up_1_attn_0/1), each self q/k/v and cross q over L 64 and cross k/v over the 8 context tokens
+  (head dim 16); the table tower's layer over 8 events (head dim 8); the image tower's block over
+  1 + 2x2 patches (head dim 16)."""
+  img = lambda *shape: ((8,) + shape, (spec_b, (), (), ()))  # noqa: E731
+  qkv = lambda n, head_dim: ((8, n, 2, head_dim), (spec_b, (), spec_heads, ()))  # noqa: E731
+  return Counter({img(16, 16, 3): 3, img(16, 16, 16): 8, img(8, 8, 16): 2, img(8, 8, 32): 18,
+                  img(16, 16, 32): 2, qkv(64, 16): 32, qkv(8, 16): 16, qkv(8, 8): 6, qkv(5, 16): 6,
+                  ((8, 8, 32), (spec_b, (), ())): 2})
+
+
+def _constraints(stablehlo: str) -> Counter:
+  """(shape, per-axis mesh axes) of every sdy.sharding_constraint in a lowered module."""
+  out = Counter()
+  for line in stablehlo.splitlines():
+    m = re.search(r"sdy\.sharding_constraint %\S+ <@mesh, \[(.*)\]> : tensor<([\dx]+)x\w+>", line)
+    if m:
+      axes = tuple(tuple(re.findall(r'"(\w+)"', d)) for d in re.findall(r"\{([^}]*)\}", m.group(1)))
+      out[(tuple(int(n) for n in m.group(2).split("x")), axes)] += 1
+  return out
+
+
+def test_step_constrains_the_activations_to_their_logical_shardings(tiny_config):
+  """The lowered LDM train step on data x fsdp x tensor = 2 x 2 x 2 with TENSOR_RULES annotates
+  exactly the intended activations: batch over ('data', 'fsdp'), attention heads over 'tensor'."""
+  from ehrxdiff_jax.train import make_objective
+  from ehrxdiff_jax.train.loop import Trainer
+  cfg = micro_config(tiny_config)
+  cfg.mesh.rules = TENSOR_RULES
+  mesh = _mesh(cfg, 8, data=2, fsdp=2, tensor=2)
+  trainer = Trainer(cfg, make_objective(cfg), mesh)
+  with jax.set_mesh(mesh):
+    text = trainer._step.lower(trainer.abstract_state(), trainer.batch_spec()).as_text()
+  assert _constraints(text) == _micro_activations(B, ("tensor",))
+  # The model names no mesh axis: without the rules (e.g. a single-device caller) nothing is
+  # constrained.
+  with jax.set_mesh(mesh):
+    plain = jax.jit(trainer._train_step).lower(trainer.abstract_state(), trainer.batch_spec())
+  assert not _constraints(plain.as_text())
+
+
+def test_compiled_fsdp_step_keeps_the_batch_split(ldm_losses):
+  """In the compiled FSDP step (data 2 x fsdp 4, batch 8) every device holds one sample of each
+  annotated activation: per-device q/k/v and UNet blocks have batch 1, no device a whole-batch q."""
+  hlo = ldm_losses["fsdp"][3]
+  for shape in ((1, 64, 2, 16), (1, 8, 2, 8), (1, 5, 2, 16), (1, 16, 16, 16), (1, 8, 8, 32),
+                (1, 8, 32)):
+    assert f"f32[{','.join(map(str, shape))}]" in hlo, shape
+  for shape in ((8, 64, 2, 16), (8, 8, 8, 32), (8, 16, 16, 16)):
+    assert f"f32[{','.join(map(str, shape))}]" not in hlo, shape

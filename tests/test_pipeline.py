@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from data_prep import write
-from ehrxdiff_jax import pipeline
+from ehrxdiff_jax import parallel, pipeline
 from ehrxdiff_jax import records as rec
 
 D, S = 8, 16  # event width, image size
@@ -240,7 +240,34 @@ def test_to_global_on_mesh(ds):
   mesh = Mesh(np.array(jax.devices()).reshape(-1, 1), ("data", "fsdp"))
   n = len(jax.devices())
   b = next(iter(loader(ds, bs=n)))
-  g = pipeline.to_global(b, mesh)
+  g = parallel.to_global(b, mesh)
   assert "key" not in g and g["events"].shape == (n, 10, D)
   assert len(g["events"].sharding.device_set) == n
   assert np.array_equal(np.asarray(g["event_mask"]), b["event_mask"])
+
+
+def test_damaged_dataset_files_are_named(tmp_path):
+  """A torn manifest.json, a truncated event_table.npy, a shard that matches an edited manifest but does not
+  open: each error names the file and says to re-run prepare."""
+  d = make_dataset(str(tmp_path / "ds"))
+  man_path = os.path.join(d, rec.MANIFEST)
+  text = open(man_path).read()
+  open(man_path, "w").write(text[:len(text) // 2])
+  with pytest.raises(ValueError, match=f"{man_path} is not valid JSON .*re-run `ehrxdiff prepare`"):
+    pipeline.read_manifest(d)
+  man = json.loads(text)
+  # a table-layout dataset whose event table lost its end
+  table = os.path.join(d, rec.EVENT_TABLE)
+  np.save(table, np.zeros((64, D), np.float16))
+  open(table, "r+b").truncate(os.path.getsize(table) - 100)
+  write.write_json(man_path, dict(man, event_layout="table"))
+  with pytest.raises(ValueError, match=f"corrupted or truncated event table {table} .*re-run `ehrxdiff prepare`"):
+    pipeline.data_source(d, "train")
+  # shard 1 cut to 100 bytes, the manifest edited to match: it does not open
+  shard = os.path.join(d, rec.shard_name("train", 1, 3))
+  open(shard, "r+b").truncate(100)
+  man["splits"]["train"]["shards"][1]["bytes"] = 100
+  write.write_json(man_path, man)
+  with pytest.raises(ValueError, match=f"corrupted shard {shard}: it does not open") as e:
+    pipeline.data_source(d, "train")
+  assert rec.shard_name("train", 0, 3) not in str(e.value) and rec.shard_name("train", 2, 3) not in str(e.value)

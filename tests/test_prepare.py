@@ -360,3 +360,90 @@ def test_unknown_demographics_are_left_out():
   assert prepare.demographics(row) == {}
   row = pd.Series(dict(age=71, gender="m", race="ASIAN - CHINESE"))
   assert prepare.demographics(row) == dict(age=71.0, sex="M", race="ASIAN - CHINESE")
+
+
+# ----------------------------------------------------------------------------- bad inputs: counted or named
+def _edit_lines(path, edit):
+  """Rewrites a .csv.gz line by line (`edit(line) -> line`), keeping malformed lines as they are."""
+  import gzip
+  with gzip.open(path, "rt") as f:
+    lines = f.read().splitlines(keepends=True)
+  with gzip.open(path, "wt") as f:
+    f.writelines(edit(line) for line in lines)
+
+
+def prepare_cli(iv, cxr, out, *extra) -> int:
+  from ehrxdiff_jax import cli
+  return cli.main(["prepare", "--mimic-iv", iv, "--mimic-cxr", cxr, "--out", out, "--image-size", "32",
+                   "--event-dim", "16", "--workers", "1", *extra])
+
+
+def test_every_dropped_row_is_counted(tmp_path, capsys):
+  iv, cxr = make_db(str(tmp_path / "db"))
+  # the CRP lab at 15h has an empty hadm_id: a malformed subject_id leaves it nothing to attach to; the pH
+  # lab at 12h gets a malformed hadm_id
+  _edit_lines(os.path.join(iv, "hosp", "labevents.csv.gz"),
+              lambda l: l.replace("3,10000001,", "3,x10000001,", 1) if l.startswith("3,10000001,")
+              else l.replace("1,10000001,20000001,", "1,10000001,2000000l,", 1) if l.startswith("1,10000001,") else l)
+  # one image with a ViewPosition MIMIC-CXR does not have (beside the lateral d2l)
+  cols = CXR_COLUMNS["mimic-cxr-2.0.0-metadata"]
+  odd = pd.DataFrame([dict(dicom_id="dx", subject_id=10000001, study_id=9, ViewPosition="XYZ", StudyDate="21500101",
+                           StudyTime="150000.0")], columns=cols).to_csv(header=False, index=False)
+  import gzip
+  with gzip.open(os.path.join(cxr, "mimic-cxr-2.0.0-metadata.csv.gz"), "at") as f:
+    f.write(odd)
+  out = str(tmp_path / "ds")
+  assert run_prepare(iv, cxr, out, "--split-fractions", "1,0,0") == 0
+  expected = {"labevents: rows with an empty hadm_id and a malformed or missing subject_id dropped": 1,
+              "labevents: rows with a malformed hadm_id dropped": 1,
+              "mimic-cxr metadata: images with ViewPosition LATERAL dropped": 1,
+              "mimic-cxr metadata: images with an unknown or empty ViewPosition dropped": 1}
+  counters = json.load(open(os.path.join(out, rec.MANIFEST)))["counters"]
+  assert {k: counters.get(k) for k in expected} == expected
+  printed = capsys.readouterr().out
+  assert all(f"  {k}: {v}\n" in printed for k, v in expected.items())
+
+
+def test_empty_cohort_is_an_error_that_prints_the_counters(tmp_path, capsys):
+  iv, cxr = make_db(str(tmp_path / "db"))
+  path = os.path.join(cxr, "mimic-cxr-2.0.0-metadata.csv.gz")
+  meta = pd.read_csv(path, dtype=str)
+  meta.assign(ViewPosition="LATERAL").to_csv(path, index=False)  # no frontal image left
+  assert prepare_cli(iv, cxr, str(tmp_path / "ds")) == 2
+  captured = capsys.readouterr()
+  assert captured.err.startswith("error: the cohort is empty: no pair of frontal images within one adult admission")
+  assert captured.err.count("\n") == 1
+  assert "  mimic-cxr metadata: images with ViewPosition LATERAL dropped: 10\n" in captured.out
+  assert not os.path.exists(tmp_path / "ds")
+
+
+@pytest.mark.parametrize("engine", ["pandas", "pyarrow"])
+def test_truncated_csv_gz_is_named(tmp_path, capsys, engine):
+  iv, cxr = make_db(str(tmp_path / "db"), n_labs_extra=3000)  # larger than one read buffer: the header reads
+  lab = os.path.join(iv, "hosp", "labevents.csv.gz")
+  data = open(lab, "rb").read()
+  open(lab, "wb").write(data[:len(data) // 2])
+  assert prepare_cli(iv, cxr, str(tmp_path / "ds"), "--csv-engine", engine) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f"error: {lab}: truncated or corrupt, cannot read it to its end") and err.count("\n") == 1
+  assert "download or extract it again" in err
+  # a small table read whole
+  big = pd.DataFrame({"subject_id": np.arange(20000), "gender": "F"})
+  big.to_csv(tmp_path / "t.csv.gz", index=False)
+  data = open(tmp_path / "t.csv.gz", "rb").read()
+  open(tmp_path / "t.csv.gz", "wb").write(data[:len(data) // 2])
+  with pytest.raises(tables.SchemaError, match=f"{tmp_path / 't.csv.gz'}: truncated or corrupt"):
+    tables.read_table(str(tmp_path), "t", ["subject_id", "gender"])
+
+
+def test_input_errors_are_one_line(db, tmp_path, capsys):
+  iv, cxr = db
+  bad = tmp_path / "filters.json"
+  bad.write_text('{"tables": ')
+  assert prepare_cli(iv, cxr, str(tmp_path / "ds"), "--filters", str(bad)) == 2
+  assert capsys.readouterr().err.startswith(f"error: {bad}: not a valid event filter file")
+  assert prepare_cli(iv, cxr, str(tmp_path / "ds"), "--split-fractions", "0.9,0.1") == 2
+  assert capsys.readouterr().err.startswith("error: --split-fractions '0.9,0.1': expected three")
+  assert prepare_cli(os.path.join(iv, "nowhere"), cxr, str(tmp_path / "ds")) == 2
+  assert capsys.readouterr().err == f"error: missing input file: {os.path.join(iv, 'nowhere', 'hosp', 'patients')}.csv.gz " \
+      f"(or {os.path.join(iv, 'nowhere', 'hosp', 'patients')}.csv)\n"

@@ -9,6 +9,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ehrxdiff_jax import diffusion as dfn
+from ehrxdiff_jax import models
 from ehrxdiff_jax import sample as smp
 from parity import max_rel_err
 
@@ -180,7 +181,7 @@ def gen_config(tiny_config):
 
 
 def test_generate_shapes_and_clamp(gen_config):
-  assert smp.latent_shape(gen_config) == (16, 16, 3)
+  assert models.latent_shape(gen_config) == (16, 16, 3)
   unet, cond, dec, enc, params = _stand_ins(3)
   generate = smp.make_generate_fn(unet, cond, dec, gen_config, vae_encode_mean=enc)
   assert generate.settings["sampler"] == "ddim" and generate.settings["steps"] == 5

@@ -17,6 +17,8 @@ from ehrxdiff_jax import images_io  # noqa: E402
 from ehrxdiff_jax import records as rec  # noqa: E402
 from ehrxdiff_jax.cli import main  # noqa: E402
 from ehrxdiff_jax.interop import ehrxdiff as ex  # noqa: E402
+from ehrxdiff_jax.interop.clip import export_openai_visual, export_table_tower  # noqa: E402
+from ehrxdiff_jax.interop.vae import export_ldm_vae  # noqa: E402
 
 from test_import import SMALL, ROOT, random_params, save_ckpt, small_config  # noqa: E402
 
@@ -95,7 +97,7 @@ def test_sample_from_torch_writes_everything(setup, from_torch_run):
   assert man["count"] == N and man["seeds"] == [0, 3] and man["keys"] == keys
   assert man["sampler"]["sampler"] == "ddim" and man["sampler"]["steps"] == 2 and man["sampler"]["batch_size"] == 8
   assert man["used_ema"] and man["source"]["from_torch"] == setup["ckpt"]
-  assert man["config"]["model"]["unet"]["model_channels"] == 16
+  assert man["config"]["model"]["unet"]["model_channels"] == 64
   assert man["timings"]["images_per_s"] > 0 and set(man["timings"]["per_seed_s"]) == {"0", "3"}
   assert not [p for p in os.listdir(setup["base"]) if ".tmp-" in p]  # the temporary directory is gone
 
@@ -159,7 +161,7 @@ def test_refuses_config_data_mismatch(setup, tmp_path, capsys):
   rc = main(["sample", "--from-torch", setup["ckpt"], "--config", TINY, "--data", setup["data"], "--out",
              str(tmp_path / "o"), *FAST, *[o for o in OVERRIDES if "model_channels" not in o]])
   assert rc == 2
-  assert "model.unet.model_channels: the checkpoint has 16, the config has 32" in capsys.readouterr().err
+  assert "model.unet.model_channels: the checkpoint has 64, the config has 32" in capsys.readouterr().err
   assert not os.path.exists(tmp_path / "o")
 
 
@@ -183,7 +185,7 @@ def test_convert_vae_and_clip_files(setup, tmp_path):
   cfg = setup["cfg"]
   params = random_params(cfg, 5)
   vae_file = str(tmp_path / "cheff.pt")
-  torch.save({k: torch.from_numpy(np.array(v)) for k, v in ex.export_ldm_vae(params["vae"]).items()}, vae_file)
+  torch.save({k: torch.from_numpy(np.array(v)) for k, v in export_ldm_vae(params["vae"]).items()}, vae_file)
   out = str(tmp_path / "vae")
   assert main(["convert", "--from-torch", vae_file, "--config", TINY, "--out", out, *OVERRIDES]) == 0
   with pytest.raises(CheckpointError, match=r"holds the parameters \['vae'\], not \['conditioner', 'unet'\]"):
@@ -192,8 +194,8 @@ def test_convert_vae_and_clip_files(setup, tmp_path):
                            jax.sharding.SingleDeviceSharding(jax.devices()[0]), True)
 
   towers = params["conditioner"]
-  clip_sd = {"model.visual." + k: v for k, v in ex.export_openai_visual(towers["image_tower"]).items()}
-  clip_sd.update({"model.transformer." + k: v for k, v in ex.export_table_tower(towers["table_tower"]).items()})
+  clip_sd = {"model.visual." + k: v for k, v in export_openai_visual(towers["image_tower"]).items()}
+  clip_sd.update({"model.transformer." + k: v for k, v in export_table_tower(towers["table_tower"]).items()})
   clip_sd["model.logit_scale"] = np.asarray(2.5, np.float32)
   clip_file = save_ckpt(str(tmp_path / "clip.ckpt"), clip_sd)
   out = str(tmp_path / "clip")
@@ -213,12 +215,12 @@ def test_restore_checks_shapes_against_the_config(setup, converted):
   from ehrxdiff_jax.config_util import read_saved_config
   from ehrxdiff_jax.train.checkpoint import CheckpointError, restore_run_params
   cfg = read_saved_config(converted)
-  assert cfg.model.unet.channel_mult == (1, 2) and cfg.model.unet.model_channels == 16
+  assert cfg.model.unet.channel_mult == (1, 2) and cfg.model.unet.model_channels == 64
   dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   params, used_ema, meta = load_checkpoint_params(os.path.join(converted, "checkpoints", "0"), cfg, dev, True)
   assert used_ema and meta["kind"] == "ehrxdiff" and meta["step"] == 0
   kernel = params["unet"]["conv_in"]["kernel"]
-  assert kernel.shape == (3, 3, 3, 16) and kernel.sharding == dev
+  assert kernel.shape == (3, 3, 3, 64) and kernel.sharding == dev
   # the same reader on the host (as train.init_from uses it): the EMA UNet is the one swapped in above
   host = restore_run_params(converted, parts=("unet",), ema=True)
   assert host.step == 0 and host.workdir == converted and set(host.params) == set(host.ema_params) == {"unet"}
@@ -228,7 +230,7 @@ def test_restore_checks_shapes_against_the_config(setup, converted):
     restore_run_params(converted, step=5)
   cfg.model.unet.model_channels = 32
   with pytest.raises(CheckpointError,
-                     match=r"\['unet'\]\['conv_in'\]\['kernel'\]: checkpoint \(3, 3, 3, 16\), model \(3, 3, 3, 32\)"):
+                     match=r"\['unet'\]\['conv_in'\]\['kernel'\]: checkpoint \(3, 3, 3, 64\), model \(3, 3, 3, 32\)"):
     load_checkpoint_params(os.path.join(converted, "checkpoints", "0"), cfg, dev, True)
   with pytest.raises(FileNotFoundError, match="no config.json"):
     read_saved_config(os.path.join(converted, "checkpoints"))

@@ -145,38 +145,155 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_p
   trainer = Trainer(cfg, ToyObjective(cfg), parallel.make_mesh(cfg))
   ckpt = Checkpointer(str(tmp_path / "ckpt"))
   data = _NaNAt(SyntheticBatches(trainer.objective.dummy_batch(1), 16), bad=4)  # batch 4 -> step 5
-  with pytest.raises(NonFiniteLoss, match="non-finite loss at step 5"):
+  with pytest.raises(NonFiniteLoss, match="non-finite loss at step 5") as e:
     fit(trainer, trainer.init_state(), data, num_steps=10, workdir=str(tmp_path), checkpointer=ckpt,
         progress=False)
-  assert ckpt.latest_step() == 4
+  # step 5 started from the state of step 4: that checkpoint is not kept, the one before is
+  assert "Removed checkpoint 4" in str(e.value) and "The last good checkpoint is step 2" in str(e.value)
+  assert ckpt.all_steps() == [2]
   ckpt.close()
 
 
+def test_a_non_finite_state_is_never_saved(tiny_config, tmp_path):
+  """The loss does not read the EMA: a NaN there is caught by the check of what is saved."""
+  cfg = toy_cfg(tiny_config, ckpt_every=1, log_every=100, eval_every=0)
+  trainer = Trainer(cfg, ToyObjective(cfg), parallel.make_mesh(cfg))
+  state = trainer.init_state()
+  state = state.replace(ema_params=jax.tree.map(lambda x: x * np.nan, state.ema_params))
+  ckpt = Checkpointer(str(tmp_path / "ckpt"))
+  with pytest.raises(NonFiniteLoss, match=r"non-finite values in the state to be saved at step 1 \(ema_params\)"):
+    fit(trainer, state, SyntheticBatches(trainer.objective.dummy_batch(1), 16), num_steps=3,
+        workdir=str(tmp_path), checkpointer=ckpt, progress=False)
+  assert ckpt.all_steps() == []
+  ckpt.close()
+
+
+def ckpt_steps(workdir) -> list[int]:
+  ckpt = Checkpointer(str(workdir / "checkpoints"))
+  steps = ckpt.all_steps()
+  ckpt.close()
+  return steps
+
+
+def train_cli(workdir, *extra) -> int:
+  """`ehrxdiff train` of the toy objective in this process (the CLI's exit status)."""
+  return cli.main(["train", "--config", TINY, "--data", "synthetic", "--workdir", str(workdir), "--no-progress",
+                   *TOY, *extra])
+
+
+def test_non_finite_stop_keeps_a_checkpoint_that_trains_on(tmp_path, capsys):
+  """The issue's reproduction: learning rate 1e8, a checkpoint every step. The checkpoint a NaN stop keeps
+  trains on past the stopping step with a sane learning rate."""
+  w = tmp_path / "run"
+  insane = ["--config.train.learning_rate=1e8", "--config.train.ckpt_every=1"]
+  assert train_cli(w, *insane, "--steps", "10") == 3
+  assert ckpt_steps(w) == []  # checkpoint 1 holds the parameters whose loss (step 2) is not finite
+  err = capsys.readouterr().err
+  assert "error: non-finite loss at step 2" in err and "Removed checkpoint 1" in err
+  assert "No good checkpoint is left" in err
+  # three sane steps, then the insane rate from step 3: it stops at step 5 and keeps step 3
+  assert train_cli(w, "--config.train.ckpt_every=1", "--force", "--steps", "3") == 0
+  assert train_cli(w, *insane, "--force", "--steps", "10") == 3
+  assert ckpt_steps(w) == [2, 3]
+  err = capsys.readouterr().err
+  assert "non-finite loss at step 5" in err and f"The last good checkpoint is step 3 in {w / 'checkpoints'}" in err
+  assert train_cli(w, "--config.train.ckpt_every=1", "--force", "--steps", "8") == 0
+  got = losses(w)
+  assert sorted(got) == list(range(1, 9)) and all(np.isfinite(got[s]) for s in range(4, 9)), got
+
+
+def test_refused_config_writes_no_config_json(tmp_path, capsys):
+  w = tmp_path / "run"
+  assert train_cli(w, "--config.train.grad_accum=3", "--steps", "1") == 2
+  err = capsys.readouterr().err
+  assert f"error: {TINY}: train.batch_size=16 is not divisible by train.grad_accum=3" in err
+  assert "Traceback" not in err and not (w / "config.json").exists()
+  assert train_cli(w, "--steps", "1") == 0  # the corrected command is not refused as a config change
+
+
 def test_non_divisible_batch_is_refused_before_compiling(tmp_path, capsys):
-  with pytest.raises(ValueError, match="not divisible by the data-parallel size 8"):
-    cli.main(["train", "--config", TINY, "--data", "synthetic", "--workdir", str(tmp_path), *TOY,
-              "--config.train.batch_size=12"])
+  assert train_cli(tmp_path, "--config.train.batch_size=12") == 2
+  assert "not divisible by the data-parallel size 8" in capsys.readouterr().err
 
 
 def test_different_config_workdir_refused_unless_force(tmp_path):
-  from ehrxdiff_jax.commands.train import check_workdir
+  from ehrxdiff_jax.commands.train import check_workdir, write_config
   from ehrxdiff_jax.config_util import load_config
+  from ehrxdiff_jax.errors import UserError
   a = load_config(TINY)
   check_workdir(str(tmp_path), a, force=False)
+  write_config(str(tmp_path), a)
   b = load_config(TINY, ["--config.train.learning_rate=0.5"])
-  with pytest.raises(SystemExit, match="train.learning_rate: 0.001 -> 0.5"):
+  with pytest.raises(UserError, match="train.learning_rate: 0.001 -> 0.5"):
     check_workdir(str(tmp_path), b, force=False)
   c = load_config(TINY, ["--config.train.num_steps=999", "--config.mesh.shape.data=2"])
   check_workdir(str(tmp_path), c, force=False)  # resumable fields may change
   check_workdir(str(tmp_path), b, force=True)
+  (tmp_path / "config.json").write_text('{"train": {"learning')  # torn
+  with pytest.raises(UserError, match=f"{tmp_path / 'config.json'} is not valid JSON"):
+    check_workdir(str(tmp_path), a, force=False)
 
 
-def test_schema_version_mismatch_refused(tmp_path):
+def test_schema_version_mismatch_refused(tmp_path, capsys):
   from ehrxdiff_jax import records
   (tmp_path / "data").mkdir()
   (tmp_path / "data" / records.MANIFEST).write_text(json.dumps({"schema_version": 999}))
-  with pytest.raises(ValueError, match=rf"schema version 999, this code reads {records.SCHEMA_VERSION}"):
-    cli.main(["train", "--config", TINY, "--data", str(tmp_path / "data"), "--workdir", str(tmp_path / "w")])
+  assert cli.main(["train", "--config", TINY, "--data", str(tmp_path / "data"), "--workdir", str(tmp_path / "w")]) == 2
+  assert f"schema version 999, this code reads {records.SCHEMA_VERSION}" in capsys.readouterr().err
+
+
+def test_event_dim_is_checked_before_compiling(tmp_path, capsys, monkeypatch):
+  from test_pipeline import D, make_dataset
+  data = make_dataset(str(tmp_path / "data"))  # event_dim D = 8; the tiny table tower takes 64
+
+  def no_compile(self, *a):
+    raise AssertionError("compiled before the data's event_dim was checked")
+  monkeypatch.setattr(Trainer, "compile", no_compile)
+  rc = cli.main(["train", "--config", TINY, "--data", data, "--workdir", str(tmp_path / "w"), "--no-progress",
+                 "--config.train.objective=table_classifier", "--config.train.batch_size=8"])
+  assert rc == 2
+  assert (f"error: {os.path.join(data, 'manifest.json')}: the data's events have event_dim {D}, the model takes "
+          f"model.table_tower.event_dim=64") in capsys.readouterr().err
+
+
+def test_workdir_and_checkpoint_problems_are_refused(tmp_path, capsys):
+  """Checkpoints without config.json, a checkpoint without its data iterator state or its meta/ item."""
+  w = tmp_path / "run"
+  assert train_cli(w, "--config.train.ckpt_every=2", "--steps", "2") == 0
+  os.remove(w / "config.json")
+  assert train_cli(w, "--steps", "3") == 2
+  assert f"error: {w} holds checkpoints but no config.json" in capsys.readouterr().err
+  assert train_cli(w, "--force", "--config.train.ckpt_every=2", "--steps", "2") == 0  # --force accepts them
+  import shutil
+  shutil.rmtree(w / "checkpoints" / "2" / "data")
+  assert train_cli(w, "--steps", "3") == 2
+  err = capsys.readouterr().err
+  assert f"error: checkpoint {w / 'checkpoints' / '2'} has no data/ item (the data iterator state)" in err
+  assert "--restart-data" in err and not os.path.exists(w / "checkpoints" / "3")
+  assert train_cli(w, "--restart-data", "--config.train.ckpt_every=0", "--steps", "3") == 0
+  shutil.rmtree(w / "checkpoints" / "2" / "meta")
+  assert train_cli(w, "--restart-data", "--steps", "4") == 2
+  assert (f"error: checkpoint {w / 'checkpoints' / '2'} has no meta/ item: it is damaged or was not written by "
+          f"`ehrxdiff train`; move {w / 'checkpoints' / '2'} away") in capsys.readouterr().err
+
+
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path, capsys, monkeypatch):
+  assert train_cli(tmp_path, "--config.train.nope=1") == 2
+  assert capsys.readouterr().err == "error: unknown config key 'train.nope'\n"
+  from ehrxdiff_jax.errors import UnknownKeyError
+  with pytest.raises(UnknownKeyError):  # the traceback on demand
+    train_cli(tmp_path, "--config.train.nope=1", "--debug")
+  monkeypatch.setenv("EHRXDIFF_DEBUG", "1")
+  with pytest.raises(UnknownKeyError):
+    train_cli(tmp_path, "--config.train.nope=1")
+  monkeypatch.delenv("EHRXDIFF_DEBUG")
+  from ehrxdiff_jax.commands import info
+
+  def bug(args):
+    raise ZeroDivisionError("a bug")
+  monkeypatch.setattr(info, "run", bug)
+  with pytest.raises(ZeroDivisionError):
+    cli.main(["info", "--config", TINY])
 
 
 # ------------------------------------------------------------------ real processes

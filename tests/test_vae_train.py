@@ -22,7 +22,7 @@ from ehrxdiff_jax.nn import lpips as lpips_lib
 from ehrxdiff_jax.train import loop
 from ehrxdiff_jax.train import vae as vae_lib
 from ehrxdiff_jax.interop.common import ConversionError
-from ehrxdiff_jax.interop.ehrxdiff import export_ldm_vae
+from ehrxdiff_jax.interop.vae import export_ldm_vae
 from ehrxdiff_jax.interop.vae import expected_vae_params
 from ehrxdiff_jax.train.checkpoint import Checkpointer, restore_run_params
 from tests.parity import max_rel_err, nchw_to_nhwc, nhwc_to_nchw

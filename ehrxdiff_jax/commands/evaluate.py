@@ -42,6 +42,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ehrxdiff_jax.evaluate import demographics
+from ehrxdiff_jax.images_io import png_name
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                               "configs", "image_classifier.py")
@@ -94,13 +95,6 @@ def read_generated_manifest(gen_dir: str) -> dict:
     raise EvaluationError(f"{path} lists no seeds")
   man["seeds"] = [int(s) for s in seeds]
   return man
-
-
-def png_name(key: str) -> str:
-  """File stem `ehrxdiff sample` gives a sample key (commands/sample._safe_name: characters other than
-  letters, digits, '-', '_', '.' become '_')."""
-  name = "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
-  return name or "sample"
 
 
 def generated_keys(gen_dir: str, seed: int) -> set[str]:

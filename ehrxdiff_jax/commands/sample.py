@@ -193,11 +193,6 @@ def _parse_seeds(text: str) -> list[int]:
   return seeds
 
 
-def _safe_name(key: str) -> str:
-  name = "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
-  return name or "sample"
-
-
 def _barrier(name: str) -> None:
   """Waits for every process (nothing to wait for in a single-process run)."""
   import jax
@@ -395,8 +390,8 @@ def _run(args) -> int:
         else:
           timings[sd] += dt
         for i in range(rows[0], min(rows[1], n)):  # padded rows are dropped
-          images_io.write_png(os.path.join(tmp, f"seed{sd}", _safe_name(keys[i]) + ".png"), mine[i - rows[0]],
-                              args.png_size)
+          name = images_io.png_name(keys[i]) + ".png"
+          images_io.write_png(os.path.join(tmp, f"seed{sd}", name), mine[i - rows[0]], args.png_size)
         if len(grid_rows[sd]) < args.grid:  # the same on every process: all take part in the gather
           grid = multihost_utils.process_allgather(images, tiled=True)[:n]
           grid_rows[sd].extend(grid[: args.grid - len(grid_rows[sd])])

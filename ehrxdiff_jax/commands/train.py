@@ -5,8 +5,10 @@ image_classifier).
     # multi-host without SLURM / TPU: add --coordinator HOST:PORT --num-processes N --process-id I
 
 A second invocation with the same workdir resumes from the latest complete checkpoint (the model, the
-optimiser, the EMA and the data iterator). The resolved config is saved as WORKDIR/config.json; a workdir
-holding a run of a different config is refused unless --force (fields in `RESUMABLE_KEYS` may change).
+optimiser, the EMA and the data iterator). The resolved config is saved as WORKDIR/config.json once every
+check has passed; a workdir holding a run of a different config, or checkpoints without a config.json, is
+refused unless --force (fields in `RESUMABLE_KEYS` may change). A checkpoint without its data iterator
+state is refused unless --restart-data.
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ import json
 import logging
 import os
 import sys
+
+from ehrxdiff_jax.errors import UserError
 
 # Config fields that may differ between a run and its resumption (they do not change the model or the
 # optimisation trajectory up to the point of resumption).
@@ -30,6 +34,9 @@ def add_arguments(parser):
                       "(default: config data.dir); 'synthetic' trains on random in-memory batches")
   parser.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, TensorBoard, config.json")
   parser.add_argument("--force", action="store_true", help="reuse a workdir that holds a different config")
+  parser.add_argument("--restart-data", action="store_true",
+                      help="resume a checkpoint that has no data iterator state, reading the data from the "
+                           "beginning (the resume is then not exact)")
   parser.add_argument("--steps", type=int, default=None, help="stop at this step (default train.num_steps)")
   parser.add_argument("--no-progress", action="store_true", help="no progress bar")
   from ehrxdiff_jax import parallel
@@ -63,35 +70,50 @@ def config_differences(old: dict, new: dict) -> list[str]:
   return diffs
 
 
-def check_workdir(workdir: str, cfg, force: bool, write: bool = True) -> None:
-  """Refuses a workdir whose config.json is a different config (unless force); writes config.json."""
+def check_workdir(workdir: str, cfg, force: bool) -> None:
+  """Refuses (unless force) a workdir whose config.json is a different config, is not readable, or is
+  missing beside checkpoints (a resume under an unknown config). Writes nothing: see write_config."""
   path = os.path.join(workdir, "config.json")
-  new = config_dict(cfg)
-  if os.path.exists(path):
+  if force:
+    return
+  if not os.path.exists(path):
+    ckpt = os.path.join(workdir, "checkpoints")
+    if os.path.isdir(ckpt) and any(d.isdigit() for d in os.listdir(ckpt)):
+      raise UserError(f"{workdir} holds checkpoints but no config.json, so their config cannot be compared with "
+                      "this one: use another --workdir, or --force to resume them under this config")
+    return
+  try:
     with open(path) as f:
       old = json.load(f)
-    diffs = config_differences(old, new)
-    if diffs and not force:
-      raise SystemExit(f"error: {workdir} holds a run of a different config ({len(diffs)} differences: "
-                       + "; ".join(diffs[:8]) + ("; ..." if len(diffs) > 8 else "")
-                       + "). Use another --workdir, or --force to train there anyway.")
-  if write:
-    os.makedirs(workdir, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(new, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+  except json.JSONDecodeError as e:
+    raise UserError(f"{path} is not valid JSON ({e}), so the run's config cannot be compared with this one: "
+                    "restore it, use another --workdir, or --force to replace it with this config") from None
+  diffs = config_differences(old, config_dict(cfg))
+  if diffs:
+    raise UserError(f"{workdir} holds a run of a different config ({len(diffs)} differences: "
+                    + "; ".join(diffs[:8]) + ("; ..." if len(diffs) > 8 else "")
+                    + "). Use another --workdir, or --force to train there anyway.")
 
 
-def check_demographics(data_dir: str, split: str, probe: int = 256) -> None:
-  """The demographics classifier learns from the records' age/sex/race meta: refuse a dataset prepared
-  without them (before they were recorded), which would otherwise train on nothing but unknowns."""
-  from ehrxdiff_jax import pipeline
-  from ehrxdiff_jax.evaluate.demographics import has_demographics
-  src = pipeline.data_source(data_dir, split)
-  if not any(has_demographics(src[i]["meta"]) for i in range(min(len(src), probe))):
-    raise SystemExit(f"error: the {split!r} records of {data_dir} carry no age/sex/race (first {min(len(src), probe)} "
-                     "checked): re-run `ehrxdiff prepare` (it records them) to train the demographics classifier")
+def write_config(workdir: str, cfg) -> None:
+  """WORKDIR/config.json (atomically): called once the run is accepted."""
+  path = os.path.join(workdir, "config.json")
+  os.makedirs(workdir, exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(config_dict(cfg), f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def check_event_dim(cfg, objective, manifest: dict, data_dir: str) -> None:
+  """The dataset's event vectors must have the width the model's table tower takes (checked before the
+  step compiles, which is where a mismatch would otherwise surface)."""
+  events = objective.dummy_batch(1).get("events")
+  if events is not None and int(manifest.get("event_dim", -1)) != events.shape[-1]:
+    raise UserError(f"{os.path.join(data_dir, 'manifest.json')}: the data's events have event_dim "
+                    f"{manifest.get('event_dim')}, the model takes model.table_tower.event_dim={events.shape[-1]}: "
+                    f"pass --config.model.table_tower.event_dim={manifest.get('event_dim')} or prepare the data with "
+                    f"--event-dim {events.shape[-1]}")
 
 
 def make_data(cfg, objective, mesh, data_dir: str):
@@ -106,8 +128,7 @@ def make_data(cfg, objective, mesh, data_dir: str):
     return train, (lambda: SyntheticBatches(template, b, seed=10_000 + int(cfg.data.shuffle_seed), rows=rows))
   from ehrxdiff_jax import pipeline
   manifest = pipeline.read_manifest(data_dir)  # refuses a schema version mismatch, naming both versions
-  if "age" in objective.dummy_batch(1):
-    check_demographics(data_dir, cfg.data.train_split)
+  objective.check_data(data_dir, cfg.data.train_split)
   max_events = int(cfg.model.conditioner.max_events)
   train = iter(pipeline.make_loader(data_dir, cfg.data.train_split, global_batch_size=b, config_data=cfg.data,
                                     seed=int(cfg.data.shuffle_seed), shuffle=True, max_events=max_events))
@@ -153,16 +174,18 @@ def run(args) -> int:
     cfg.data.dir = args.data
   data_dir = cfg.data.dir
   if not data_dir:
-    raise SystemExit("error: no data: pass --data DIR (or --data synthetic)")
+    raise UserError("no data: pass --data DIR (or --data synthetic)")
+  workdir = os.path.abspath(args.workdir)
+  check_workdir(workdir, cfg, args.force)
+  try:  # clear errors before anything compiles; the messages name the config keys
+    mesh = parallel.make_mesh(cfg)
+    parallel.check_batch(cfg, mesh)
+    objective = make_objective(cfg)
+  except ValueError as e:
+    raise UserError(f"{args.config}: {e}") from e
   if data_dir != "synthetic":
     from ehrxdiff_jax import pipeline
-    pipeline.read_manifest(data_dir)  # schema version check before anything compiles
-  workdir = os.path.abspath(args.workdir)
-  check_workdir(workdir, cfg, args.force, write=jax.process_index() == 0)
-
-  mesh = parallel.make_mesh(cfg)
-  parallel.check_batch(cfg, mesh)  # a clear error before anything compiles
-  objective = make_objective(cfg)
+    check_event_dim(cfg, objective, pipeline.read_manifest(data_dir), data_dir)
   trainer = Trainer(cfg, objective, mesh)
   if jax.process_index() == 0:
     log.info("%s: %s; %d parameters (%d trainable); global batch %d (%d x %d accumulation)", cfg.name,
@@ -171,14 +194,39 @@ def run(args) -> int:
 
   train_iter, eval_fn = make_data(cfg, objective, mesh, data_dir)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(cfg.train.keep_checkpoints))
+  try:
+    state = _start_state(cfg, args, trainer, ckpt, train_iter, data_dir)
+    meta = {"config_name": cfg.name, "objective": cfg.train.objective}
+    hooks = []
+    if int(cfg.train.sample_every) > 0:
+      batches = eval_fn() if eval_fn is not None else make_data(cfg, objective, mesh, data_dir)[0]
+      hook = objective.sample_hook(trainer, batches, int(cfg.train.sample_every))
+      if hook is not None:
+        hooks.append(hook)
+    if jax.process_index() == 0:
+      write_config(workdir, cfg)  # the run is accepted
+    state = fit(trainer, state, train_iter, num_steps=args.steps, workdir=workdir, checkpointer=ckpt,
+                eval_iter_fn=eval_fn, meta=meta, progress=not args.no_progress, hooks=tuple(hooks))
+  except NonFiniteLoss as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 3
+  finally:
+    ckpt.close()
+  log.info("stopped at step %d; checkpoints in %s", int(jax.device_get(state.step)), ckpt.directory)
+  return 0
+
+
+def _start_state(cfg, args, trainer, ckpt, train_iter, data_dir: str):
+  """The latest checkpoint's state (and the iterator's), or a fresh one initialised as the config says;
+  cached latents checked against the state's VAE."""
   latest = ckpt.latest_step()
   if latest is not None:
-    state, meta = ckpt.restore(trainer.abstract_state(), latest, data_iter=train_iter)
+    state, _ = ckpt.restore(trainer.abstract_state(), latest, data_iter=train_iter, restart_data=args.restart_data)
     log.info("resumed from step %d (%s)", latest, ckpt.directory)
   else:
     state = trainer.init_state()
     if cfg.train.init_from:
-      state = initialise_from(state, cfg.train.init_from, trainer)
+      state = trainer.objective.init_from(state, cfg.train.init_from, trainer)
     if cfg.train.get("vae_from"):
       from ehrxdiff_jax.train.vae import vae_init_state
       state = vae_init_state(state, cfg.train.vae_from)
@@ -186,34 +234,6 @@ def run(args) -> int:
     try:
       check_cached_latents(cfg, data_dir, state)
     except ValueError as e:
-      print(f"error: {e}", file=sys.stderr)
-      ckpt.close()
-      return 2
-  meta = {"config_name": cfg.name, "objective": cfg.train.objective}
-  hooks = []
-  if int(cfg.train.sample_every) > 0 and hasattr(objective, "sample_hook"):
-    batches = eval_fn() if eval_fn is not None else make_data(cfg, objective, mesh, data_dir)[0]
-    hooks.append(objective.sample_hook(trainer, next(batches), int(cfg.train.sample_every)))
-  try:
-    state = fit(trainer, state, train_iter, num_steps=args.steps, workdir=workdir, checkpointer=ckpt,
-                eval_iter_fn=eval_fn, meta=meta, progress=not args.no_progress, hooks=tuple(hooks))
-  except NonFiniteLoss as e:
-    print(f"error: {e}", file=sys.stderr)
-    ckpt.close()
-    return 3
-  ckpt.close()
-  log.info("stopped at step %d; checkpoints in %s", int(jax.device_get(state.step)), ckpt.directory)
-  return 0
+      raise UserError(str(e)) from e
+  return state
 
-
-def initialise_from(state, path: str, trainer):
-  """Copies matching top-level parameter parts from another run's latest checkpoint (e.g. CLIP towers).
-
-  Hook for the CLIP / VAE trainers: the mapping of a pretraining checkpoint into this objective's
-  parameters belongs to the objective (`objective.init_from(state, path)` when it defines one).
-  """
-  hook = getattr(trainer.objective, "init_from", None)
-  if hook is None:
-    raise NotImplementedError(f"train.init_from={path!r}: objective {trainer.objective.name!r} "
-                              "does not define init_from")
-  return hook(state, path, trainer)

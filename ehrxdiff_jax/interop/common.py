@@ -1,6 +1,19 @@
-"""Shared machinery for converting PyTorch state dicts: key consumption, layout transposes, checks."""
+"""Shared machinery for PyTorch state dicts: key consumption, layout transposes, checks, and the
+inverse of each converter so that one name table drives both import and export.
+
+A name table (`StateDict.block`, `export_block`) maps our names to entries:
+  (convert, their name)         a leaf converter (`StateDict.norm`, `.linear`, `.conv`,
+                                `.conv1x1_as_linear`, `split_in_proj`); their name may be a tuple of
+                                alternatives (old and new names of one library; export writes
+                                the first)
+  (table, their name)           a sub-block under `{key}.{their name}`
+  table                         a sub-block of ours at the same torch key
+  IfPresent(convert, name)      a leaf only some blocks have (e.g. the 1x1 shortcut of a res block
+                                that changes the width)
+"""
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from typing import Any, Callable, Mapping, Union
@@ -33,12 +46,19 @@ def _join(key: str, name: str) -> str:
 BlockConverter = Union[Mapping[str, Any], Callable[["StateDict", str], Any]]
 
 
+@dataclasses.dataclass(frozen=True)
+class IfPresent:
+  """A table entry converted only where the state dict (import) or our tree (export) has it."""
+  convert: Callable
+  theirs: str
+
+
 class StateDict:
   """A flat PyTorch state dict that is consumed key by key.
 
-  Every `take` marks a key as used; `finish()` raises if any key under the converted prefixes was left
-  over, so a checkpoint never loads with silently ignored weights. `origin` remembers which torch key
-  each produced array came from, to name it in shape errors.
+  Every `take` marks a key as used; `finish()` raises if any key under the converted prefixes was
+  left over, so a checkpoint never loads with silently ignored weights. `origin` remembers which
+  torch key each produced array came from, to name it in shape errors.
   """
 
   def __init__(self, state_dict: Mapping[str, Any], prefix: str = ""):
@@ -79,13 +99,14 @@ class StateDict:
 
   def conv(self, key: str, bias: bool = True) -> dict:
     """torch Conv2d (out, in, kh, kw) -> NHWC conv kernel (kh, kw, in, out)."""
-    out = {"kernel": self._tagged(self.take(f"{key}.weight").transpose(2, 3, 1, 0).copy(), f"{key}.weight")}
+    kernel = self.take(f"{key}.weight").transpose(2, 3, 1, 0).copy()
+    out = {"kernel": self._tagged(kernel, f"{key}.weight")}
     if bias:
       out["bias"] = self.take(f"{key}.bias")
     return out
 
   def conv1x1_as_linear(self, key: str) -> dict:
-    """A 1x1 conv or a Linear, whichever the checkpoint has, -> Dense (in, out) (diffusers proj_in/out)."""
+    """A 1x1 conv or a Linear, whichever the checkpoint has (diffusers proj_in/out) -> Dense."""
     w = self.take(f"{key}.weight")
     w = w.reshape(w.shape[0], w.shape[1])
     return {"kernel": self._tagged(w.T.copy(), f"{key}.weight"), "bias": self.take(f"{key}.bias")}
@@ -95,18 +116,18 @@ class StateDict:
     return {"scale": self.take(f"{key}.weight"), "bias": self.take(f"{key}.bias")}
 
   def keys_under(self, key: str) -> list[str]:
-    """The keys (without the prefix) under the module `key`, i.e. `{prefix}{key}.*` (all of them for '')."""
+    """The keys `{prefix}{key}.*` without the prefix (all of them for key '')."""
     start = self.prefix + _join(key, "")
     return [k[len(self.prefix):] for k in self._sd if k.startswith(start)]
 
   def skip_under(self, key: str) -> None:
-    """Marks every key under the module `key` as deliberately unused (e.g. a VAE's training loss)."""
+    """Marks every key under the module `key` as deliberately unused (e.g. a VAE's loss)."""
     for k in self.keys_under(key):
       self.skip(k)
 
   def indices(self, key: str) -> list[int]:
-    """[0, ..., n-1]: the distinct N of the keys `{prefix}{key}.N.*` (a torch ModuleList / Sequential);
-    [] when there is none. A gap is an error: a block would silently be missing."""
+    """[0, ..., n-1]: the distinct N of the keys `{prefix}{key}.N.*` (a torch ModuleList /
+    Sequential); [] when there is none. A gap is an error: a block would silently be missing."""
     rx = re.compile(re.escape(self.prefix + _join(key, "")) + r"(\d+)\.")
     found = sorted({int(m.group(1)) for k in self._sd if (m := rx.match(k))})
     if found != list(range(len(found))):
@@ -114,25 +135,31 @@ class StateDict:
     return found
 
   def block(self, key: str, table: Mapping[str, Any]) -> dict:
-    """One block's parameters by a name table {our name: (convert, their name) | nested table}.
-
-    `convert(sd, key)` is e.g. `StateDict.norm`, `StateDict.linear`, `StateDict.conv` or a converter
-    function of the same form, called with `{key}.{their name}`. Their name may be a tuple of
-    alternatives (old and new names of one library): the first present one is taken.
+    """One block's parameters by a name table (see the module docstring), e.g.
+    {'norm1': (StateDict.norm, 'norm1'), 'attn': (split_in_proj, 'attn'),
+     'mid': (TABLE, 'mid.block_1')}.
     """
     out = {}
     for ours, entry in table.items():
       if isinstance(entry, Mapping):
         out[ours] = self.block(key, entry)
         continue
+      if isinstance(entry, IfPresent):
+        if self.keys_under(_join(key, entry.theirs)):
+          out[ours] = entry.convert(self, _join(key, entry.theirs))
+        continue
       convert, theirs = entry
       if not isinstance(theirs, str):
         present = [t for t in theirs if self.keys_under(_join(key, t))]
         if not present:
-          raise ConversionError(f"missing {self.prefix}{_join(key, theirs[0])}.* (or the alternative names "
-                                f"{', '.join(theirs[1:])}) in the PyTorch state dict")
+          others = ", ".join(theirs[1:])
+          raise ConversionError(f"missing {self.prefix}{_join(key, theirs[0])}.* (or the "
+                                f"alternative names {others}) in the PyTorch state dict")
         theirs = present[0]
-      out[ours] = convert(self, _join(key, theirs))
+      if isinstance(convert, Mapping):
+        out[ours] = self.block(_join(key, theirs), convert)
+      else:
+        out[ours] = convert(self, _join(key, theirs))
     return out
 
   def blocks(self, key: str, name: str, convert: BlockConverter) -> dict:
@@ -150,6 +177,99 @@ class StateDict:
     if left:
       shown = ", ".join(left[:10]) + (f" ... ({len(left)} in all)" if len(left) > 10 else "")
       raise ConversionError(f"keys of the PyTorch state dict not used by the conversion: {shown}")
+
+
+def split_in_proj(sd: StateDict, key: str) -> dict:
+  """torch MultiheadAttention (in_proj_weight [3W, W], in_proj_bias [3W], out_proj) -> q/k/v/out."""
+  w = sd.take(f"{key}.in_proj_weight")
+  b = sd.take(f"{key}.in_proj_bias")
+  if w.ndim != 2 or w.shape[0] != 3 * w.shape[1] or b.shape != (w.shape[0],):
+    raise ConversionError(f"{sd.prefix}{key}.in_proj_weight/bias have shapes {w.shape}/{b.shape}; "
+                          "expected [3W, W] and [3W]")
+  width = w.shape[1]
+  out = {}
+  for i, name in enumerate("qkv"):
+    kernel = w[i * width:(i + 1) * width].T.copy()
+    bias = b[i * width:(i + 1) * width].copy()
+    sd.origin[id(kernel)] = f"{sd.prefix}{key}.in_proj_weight"
+    sd.origin[id(bias)] = f"{sd.prefix}{key}.in_proj_bias"
+    out[name] = {"kernel": kernel, "bias": bias}
+  out["out"] = sd.linear(f"{key}.out_proj")
+  return out
+
+
+# ---------------------------------------------------------------------------- export (the inverses)
+
+def _f32(a) -> np.ndarray:
+  return np.ascontiguousarray(np.asarray(a, np.float32))
+
+
+def put_norm(out: dict, key: str, p: Mapping[str, Any]) -> None:
+  """Inverse of StateDict.norm."""
+  out[f"{key}.weight"] = _f32(p["scale"])
+  out[f"{key}.bias"] = _f32(p["bias"])
+
+
+def _put_weight_bias(out: dict, key: str, weight, p: Mapping[str, Any]) -> None:
+  out[f"{key}.weight"] = _f32(weight)
+  if "bias" in p:
+    out[f"{key}.bias"] = _f32(p["bias"])
+
+
+def put_linear(out: dict, key: str, p: Mapping[str, Any]) -> None:
+  """Inverse of StateDict.linear: Dense (in, out) -> torch Linear (out, in)."""
+  _put_weight_bias(out, key, np.asarray(p["kernel"]).T, p)
+
+
+def put_conv(out: dict, key: str, p: Mapping[str, Any]) -> None:
+  """Inverse of StateDict.conv: (kh, kw, in, out) -> torch Conv2d (out, in, kh, kw)."""
+  _put_weight_bias(out, key, np.asarray(p["kernel"]).transpose(3, 2, 0, 1), p)
+
+
+def put_conv1x1(out: dict, key: str, p: Mapping[str, Any]) -> None:
+  """Inverse of StateDict.conv1x1_as_linear (and of a 1x1 conv): a 1x1 Conv2d (out, in, 1, 1)."""
+  k = np.asarray(p["kernel"])
+  put_conv(out, key, {**p, "kernel": k[None, None] if k.ndim == 2 else k})
+
+
+def put_in_proj(out: dict, key: str, p: Mapping[str, Any]) -> None:
+  """Inverse of split_in_proj: q, k, v -> in_proj_weight / in_proj_bias, out -> out_proj."""
+  out[f"{key}.in_proj_weight"] = np.concatenate([_f32(np.asarray(p[n]["kernel"]).T) for n in "qkv"],
+                                                axis=0)
+  out[f"{key}.in_proj_bias"] = np.concatenate([_f32(p[n]["bias"]) for n in "qkv"], axis=0)
+  put_linear(out, f"{key}.out_proj", p["out"])
+
+
+INVERSE = {StateDict.norm: put_norm, StateDict.linear: put_linear, StateDict.conv: put_conv,
+           StateDict.conv1x1_as_linear: put_conv1x1, split_in_proj: put_in_proj}
+
+
+def export_block(out: dict, key: str, params: Mapping[str, Any], table: Mapping[str, Any]) -> None:
+  """Writes one block of ours into `out` (torch names) by StateDict.block's name table."""
+  for ours, entry in table.items():
+    if isinstance(entry, Mapping):
+      export_block(out, key, params[ours], entry)
+      continue
+    if isinstance(entry, IfPresent):
+      if ours in params:
+        INVERSE[entry.convert](out, _join(key, entry.theirs), params[ours])
+      continue
+    convert, theirs = entry
+    theirs = _join(key, theirs if isinstance(theirs, str) else theirs[0])
+    if isinstance(convert, Mapping):
+      export_block(out, theirs, params[ours], convert)
+    else:
+      INVERSE[convert](out, theirs, params[ours])
+
+
+def export_blocks(out: dict, tree: Mapping[str, Any], name: str, key: str,
+                  table: Mapping[str, Any]) -> None:
+  """Inverse of StateDict.blocks: every sub-tree `name.format(i)` of `tree` as block `{key}.{i}`."""
+  rx = re.compile(re.escape(name).replace(re.escape("{}"), r"(\d+)"))
+  for ours, p in tree.items():
+    m = rx.fullmatch(ours)
+    if m:
+      export_block(out, _join(key, m.group(1)), p, table)
 
 
 def _path_str(path) -> str:
@@ -178,7 +298,8 @@ def check_against(converted: Any, expected: Any, sd: StateDict | None = None) ->
       problems.append(f"shape mismatch at {name}: network {tuple(exp_s[name].shape)}, "
                       f"state dict key {src} gives {tuple(got_s[name].shape)}")
   if problems:
-    raise ConversionError("; ".join(problems[:20]) + (f" ... ({len(problems)} problems)" if len(problems) > 20 else ""))
+    more = f" ... ({len(problems)} problems)" if len(problems) > 20 else ""
+    raise ConversionError("; ".join(problems[:20]) + more)
   return jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), converted)
 
 
@@ -197,7 +318,8 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, Any]:
   try:
     import torch
   except ImportError as e:  # pragma: no cover - depends on the install
-    raise ImportError("reading PyTorch checkpoints needs the torch extra: pip install 'ehrxdiff-jax[torch]'") from e
+    raise ImportError("reading PyTorch checkpoints needs the torch extra: "
+                      "pip install 'ehrxdiff-jax[torch]'") from e
   obj = torch.load(path, map_location="cpu", weights_only=True)
   if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
     obj = obj["state_dict"]

@@ -1,34 +1,60 @@
-"""Weight import for the LDM UNet (`ehrxdiff_jax.nn.unet.UNet`) from PyTorch state dicts.
+"""Weight import and export for the LDM UNet (`ehrxdiff_jax.nn.unet.UNet`).
 
-Three peers:
-  convert_ldm_unet       CompVis / Cheff / EHRXDiff `openaimodel.UNetModel` names, e.g. the EHRXDiff
-                         Lightning checkpoint's 'model.diffusion_model.input_blocks.1.0.in_layers.0.weight'
-  convert_ldm_unet_ema   the EMA copy in the same checkpoint: LitEma buffers named
-                         'model_ema.' + 'diffusion_model.input_blocks.1.0.in_layers.0.weight' without dots,
-                         i.e. 'model_ema.diffusion_modelinput_blocks10in_layers0weight'
-  convert_diffusers_unet diffusers `UNet2DConditionModel` names ('down_blocks.1.attentions.0.proj_in.weight')
+  convert_ldm_unet       CompVis / Cheff / EHRXDiff `openaimodel.UNetModel` names
+                         ('model.diffusion_model.input_blocks.1.0.in_layers.0.weight')
+  convert_ldm_unet_ema   its LitEma copy: the same names without dots after 'model_ema.'
+                         ('model_ema.diffusion_modelinput_blocks10in_layers0weight')
+  convert_diffusers_unet diffusers `UNet2DConditionModel` names ('down_blocks.1.resnets.0.conv1')
+  export_ldm_unet        the inverse of convert_ldm_unet
 
-Each returns the UNet's unboxed parameter tree (nested dicts of float32 numpy arrays, without the
-'params' level). The block structure (levels, res blocks per level, attention levels, transformer depth)
-is read from the key names; the converted tree is then checked against the shapes of
-`UNet(**config)` (`config`: the fields of `cfg.model.unet`; inferred from the weights when None), so a
-missing, extra or mis-shaped weight raises `ConversionError` naming the PyTorch key.
+A plan (`ldm_plan`, `diffusers_plan`) lists (our path, torch module, kind) for the block structure
+read off the key names; a kind (`_KINDS`) says how an entry is read and written, so import and
+export walk the same plan. Each converter returns the unboxed tree (float32 numpy, no 'params'
+level), checked against the shapes of `UNet(**config)` (`config`: cfg.model.unet; inferred from the
+weights when None): a missing, extra or mis-shaped weight raises `ConversionError` naming the key.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from typing import Any, Callable, Iterator, Mapping
 
-from ehrxdiff_jax.interop.common import ConversionError, StateDict, check_against
+from ehrxdiff_jax.interop.common import (ConversionError, StateDict, check_against, put_conv,
+                                         put_conv1x1, put_linear, put_norm)
 
-Structure = tuple[int, int, tuple[int, ...], int]  # (levels, num_res_blocks, attention_levels, depth)
+# (levels, num_res_blocks, attention_levels, transformer depth)
+Structure = tuple[int, int, tuple[int, ...], int]
 PlanEntry = tuple[tuple[str, ...], str, str, bool]  # (our path, torch module key, kind, optional)
 
 _UNET_FIELDS = ("in_channels", "out_channels", "model_channels", "channel_mult", "num_res_blocks",
                 "attention_levels", "num_heads", "transformer_depth", "context_dim", "norm_groups")
-_SUFFIXES = {"conv": ("weight", "bias"), "conv1x1": ("weight", "bias"), "linear": ("weight", "bias"),
-             "linear_nobias": ("weight",), "norm": ("weight", "bias")}
+
+
+def _take_conv1x1(sd: StateDict, key: str) -> dict:
+  """A 1x1 conv, or a Linear (diffusers' use_linear_projection) -> (1, 1, in, out)."""
+  if sd.take(f"{key}.weight").ndim == 2:
+    leaf = sd.linear(key)
+    leaf["kernel"] = sd._tagged(leaf["kernel"][None, None], f"{key}.weight")
+    return leaf
+  return sd.conv(key)  # a wrong kernel size is reported by check_against
+
+
+@dataclasses.dataclass(frozen=True)
+class _Kind:
+  """How an entry of one kind is read (`take(sd, key)`) and written (`put(out, key, params)`)."""
+  take: Callable[[StateDict, str], dict]
+  put: Callable[[dict, str, Mapping[str, Any]], None]
+  suffixes: tuple[str, ...] = ("weight", "bias")
+
+
+_KINDS = {
+    "conv": _Kind(StateDict.conv, put_conv),
+    "conv1x1": _Kind(_take_conv1x1, put_conv1x1),  # LDM writes 1x1 Conv2d
+    "linear": _Kind(StateDict.linear, put_linear),
+    "linear_nobias": _Kind(lambda sd, key: sd.linear(key, bias=False), put_linear, ("weight",)),
+    "norm": _Kind(StateDict.norm, put_norm),
+}
 
 
 # ----------------------------------------------------------------------------- block plans
@@ -43,7 +69,8 @@ def _res_plan(path, key, names) -> Iterator[PlanEntry]:
   yield path + ("skip",), f"{key}.{skip}", "conv", True  # only when the width changes
 
 
-_LDM_RES = ("in_layers.0", "in_layers.2", "emb_layers.1", "out_layers.0", "out_layers.3", "skip_connection")
+_LDM_RES = ("in_layers.0", "in_layers.2", "emb_layers.1", "out_layers.0", "out_layers.3",
+            "skip_connection")
 _DIFFUSERS_RES = ("norm1", "conv1", "time_emb_proj", "norm2", "conv2", "conv_shortcut")
 
 
@@ -91,7 +118,8 @@ def ldm_plan(structure: Structure) -> list[PlanEntry]:
         plan += _transformer_plan((f"up_{level}_attn_{i}",), f"output_blocks.{m}.1", depth)
       if level != 0 and i == nrb:
         k = 2 if level in attn else 1
-        plan.append(((f"up_{level}_upsample", "conv"), f"output_blocks.{m}.{k}.conv", "conv", False))
+        plan.append(((f"up_{level}_upsample", "conv"), f"output_blocks.{m}.{k}.conv", "conv",
+                     False))
       m += 1
   plan += [(("norm_out",), "out.0", "norm", False), (("conv_out",), "out.2", "conv", False)]
   return plan
@@ -105,12 +133,13 @@ def diffusers_plan(structure: Structure) -> list[PlanEntry]:
           (("conv_in",), "conv_in", "conv", False)]
   for level in range(levels):
     for i in range(nrb):
-      plan += _res_plan((f"down_{level}_res_{i}",), f"down_blocks.{level}.resnets.{i}", _DIFFUSERS_RES)
+      block = f"down_blocks.{level}"
+      plan += _res_plan((f"down_{level}_res_{i}",), f"{block}.resnets.{i}", _DIFFUSERS_RES)
       if level in attn:
-        plan += _transformer_plan((f"down_{level}_attn_{i}",), f"down_blocks.{level}.attentions.{i}", depth)
+        plan += _transformer_plan((f"down_{level}_attn_{i}",), f"{block}.attentions.{i}", depth)
     if level != levels - 1:
-      plan.append(((f"down_{level}_downsample", "conv"), f"down_blocks.{level}.downsamplers.0.conv", "conv",
-                   False))
+      plan.append(((f"down_{level}_downsample", "conv"), f"down_blocks.{level}.downsamplers.0.conv",
+                   "conv", False))
   plan += _res_plan(("mid_res_0",), "mid_block.resnets.0", _DIFFUSERS_RES)
   plan += _transformer_plan(("mid_attn",), "mid_block.attentions.0", depth)
   plan += _res_plan(("mid_res_1",), "mid_block.resnets.1", _DIFFUSERS_RES)
@@ -120,14 +149,16 @@ def diffusers_plan(structure: Structure) -> list[PlanEntry]:
       if level in attn:
         plan += _transformer_plan((f"up_{level}_attn_{i}",), f"up_blocks.{j}.attentions.{i}", depth)
     if level != 0:
-      plan.append(((f"up_{level}_upsample", "conv"), f"up_blocks.{j}.upsamplers.0.conv", "conv", False))
-  plan += [(("norm_out",), "conv_norm_out", "norm", False), (("conv_out",), "conv_out", "conv", False)]
+      plan.append(((f"up_{level}_upsample", "conv"), f"up_blocks.{j}.upsamplers.0.conv", "conv",
+                   False))
+  plan += [(("norm_out",), "conv_norm_out", "norm", False),
+           (("conv_out",), "conv_out", "conv", False)]
   return plan
 
 
 def plan_keys(plan: list[PlanEntry]) -> list[str]:
   """Every PyTorch parameter name a plan can consume (optional ones included)."""
-  return [f"{key}.{s}" for _, key, kind, _ in plan for s in _SUFFIXES[kind]]
+  return [f"{key}.{s}" for _, key, kind, _ in plan for s in _KINDS[kind].suffixes]
 
 
 # ----------------------------------------------------------------------------- structure from names
@@ -156,7 +187,8 @@ def _ldm_structure(has: Callable[[str], bool]) -> Structure:
     n += 1
   depth = _count(has, "middle_block.1.transformer_blocks.{}.norm1.weight")
   if n == 1 or not has("time_embed.0.weight"):
-    raise ConversionError("the state dict has no LDM UNet (no time_embed.0 / input_blocks.1.0 keys)")
+    raise ConversionError("the state dict has no LDM UNet (no time_embed.0 / input_blocks.1.0 "
+                          "keys)")
   return _checked_structure(per_level, attn, depth)
 
 
@@ -164,7 +196,8 @@ def _diffusers_structure(has: Callable[[str], bool]) -> Structure:
   levels = _count(has, "down_blocks.{}.resnets.0.norm1.weight")
   if not levels:
     raise ConversionError("the state dict has no diffusers UNet (no down_blocks.0.resnets.0 keys)")
-  per_level = [_count(has, f"down_blocks.{level}.resnets.{{}}.norm1.weight") for level in range(levels)]
+  per_level = [_count(has, f"down_blocks.{level}.resnets.{{}}.norm1.weight")
+               for level in range(levels)]
   attn = {level for level in range(levels) if has(f"down_blocks.{level}.attentions.0.norm.weight")}
   depth = _count(has, "mid_block.attentions.0.transformer_blocks.{}.norm1.weight")
   return _checked_structure(per_level, attn, depth)
@@ -185,28 +218,28 @@ def _run_plan(sd: StateDict, plan: list[PlanEntry]) -> dict:
   for path, key, kind, optional in plan:
     if optional and not sd.has(f"{key}.weight"):
       continue
-    if kind == "conv":
-      leaf = sd.conv(key)
-    elif kind == "conv1x1":  # a 1x1 conv, or a Linear (use_linear_projection) -> (1, 1, in, out)
-      if sd.take(f"{key}.weight").ndim == 2:
-        leaf = sd.linear(key)
-        leaf["kernel"] = sd._tagged(leaf["kernel"][None, None], f"{key}.weight")
-      else:  # a wrong kernel size is reported by check_against
-        leaf = sd.conv(key)
-    elif kind == "linear":
-      leaf = sd.linear(key)
-    elif kind == "linear_nobias":
-      leaf = sd.linear(key, bias=False)
-    elif kind == "norm":
-      leaf = sd.norm(key)
-    else:  # pragma: no cover - plans only use the kinds above
-      raise AssertionError(kind)
     node = tree
     for p in path[:-1]:
       node = node.setdefault(p, {})
-    node[path[-1]] = leaf
+    node[path[-1]] = _KINDS[kind].take(sd, key)
   sd.finish()
   return tree
+
+
+def _export_plan(tree: Mapping[str, Any], plan: list[PlanEntry]) -> dict:
+  """The inverse of `_run_plan`: our tree -> {torch name: float32 array}."""
+  out: dict = {}
+  for path, key, kind, optional in plan:
+    node = tree
+    try:
+      for p in path:
+        node = node[p]
+    except KeyError:
+      if optional:
+        continue
+      raise
+    _KINDS[kind].put(out, key, node)
+  return out
 
 
 def infer_config(params: Mapping[str, Any]) -> dict:
@@ -249,7 +282,8 @@ def _check(tree: dict, sd: StateDict, config: Mapping[str, Any] | None) -> dict:
   try:
     cfg = infer_config(tree) if config is None else {k: config[k] for k in _UNET_FIELDS}
   except (KeyError, ValueError, IndexError) as e:
-    raise ConversionError(f"the converted UNet is incomplete ({e!r}); is this a whole UNet state dict?") from e
+    raise ConversionError(f"the converted UNet is incomplete ({e!r}); is this a whole UNet state "
+                          "dict?") from e
   items = tuple((k, tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in cfg.items())
   return check_against(tree, _expected_shapes(items), sd)
 
@@ -260,8 +294,8 @@ def convert_ldm_unet(state_dict: Mapping[str, Any], prefix: str = "model.diffusi
                      config: Mapping[str, Any] | None = None) -> dict:
   """LDM `openaimodel.UNetModel` weights under `prefix` -> UNet params.
 
-  Every key under `prefix` must be used. `config`: the UNet fields (cfg.model.unet) to check the shapes
-  against; None infers them from the weights.
+  Every key under `prefix` must be used. `config`: the UNet fields (cfg.model.unet) to check the
+  shapes against; None infers them from the weights.
   """
   sd = StateDict(state_dict, prefix)
   plan = ldm_plan(_ldm_structure(sd.has))
@@ -272,11 +306,11 @@ def convert_ldm_unet_ema(state_dict: Mapping[str, Any], prefix: str = "model_ema
                          config: Mapping[str, Any] | None = None) -> dict:
   """The EMA UNet of an LDM Lightning checkpoint -> UNet params.
 
-  LitEma stores every parameter `diffusion_model.<name>` of the LatentDiffusion's `model` as the buffer
-  `prefix + ('diffusion_model.' + <name>).replace('.', '')`; the dotted names are recovered by matching
-  against the dot-free form of the LDM names this UNet has. `prefix + 'decay'` and
-  `prefix + 'num_updates'` are not parameters and are ignored; every other key under
-  `prefix + 'diffusion_model'` must be used.
+  LitEma stores every parameter `diffusion_model.<name>` of the LatentDiffusion's `model` as the
+  buffer `prefix + ('diffusion_model.' + <name>).replace('.', '')`; the dotted names are recovered
+  by matching against the dot-free form of this UNet's LDM names. `prefix + 'decay'` and
+  `prefix + 'num_updates'` are ignored; every other key under `prefix + 'diffusion_model'` must be
+  used.
   """
   ema_prefix = prefix + "diffusion_model"
   ema = {k[len(ema_prefix):]: v for k, v in state_dict.items() if k.startswith(ema_prefix)}
@@ -301,31 +335,45 @@ def convert_ldm_unet_ema(state_dict: Mapping[str, Any], prefix: str = "model_ema
     sd = StateDict(dotted, fake)
     return _check(_run_plan(sd, plan), sd, config)
   except ConversionError as e:
-    msg = re.sub(re.escape(fake) + r"[\w.]*\w", lambda m: ema_prefix + undot(m.group(0)[len(fake):]), str(e))
+    real_name = lambda m: ema_prefix + undot(m.group(0)[len(fake):])  # noqa: E731
+    msg = re.sub(re.escape(fake) + r"[\w.]*\w", real_name, str(e))
     raise ConversionError(msg) from e
 
 
 def convert_diffusers_unet(state_dict: Mapping[str, Any], prefix: str = "",
                            config: Mapping[str, Any] | None = None) -> dict:
-  """diffusers `UNet2DConditionModel` weights (optionally under `prefix`, e.g. 'unet.') -> UNet params.
+  """diffusers `UNet2DConditionModel` weights (optionally under `prefix`, e.g. 'unet.') -> params.
 
-  Expects the EHRXDiff layout: a DownBlock2D / CrossAttnDownBlock2D per level, the UpBlocks mirrored,
-  UNetMidBlock2DCrossAttn, positional time embedding (flip_sin_to_cos=True, freq_shift=0 matches LDM),
-  attention without q/k/v bias, GEGLU feed-forward. proj_in/proj_out may be 1x1 convs or Linears.
+  Expects the EHRXDiff layout: a DownBlock2D / CrossAttnDownBlock2D per level, the UpBlocks
+  mirrored, UNetMidBlock2DCrossAttn, positional time embedding (flip_sin_to_cos=True, freq_shift=0
+  matches LDM), attention without q/k/v bias, GEGLU feed-forward; proj_in/out 1x1 convs or Linears.
   """
   sd = StateDict(state_dict, prefix)
   plan = diffusers_plan(_diffusers_structure(sd.has))
   return _check(_run_plan(sd, plan), sd, config)
 
 
+def export_ldm_unet(unet: Mapping[str, Any], unet_cfg: Mapping[str, Any]) -> dict:
+  """Our UNet tree -> LDM `openaimodel.UNetModel` names (no prefix); inverse of convert_ldm_unet."""
+  structure = (len(unet_cfg["channel_mult"]), int(unet_cfg["num_res_blocks"]),
+               tuple(unet_cfg["attention_levels"]), int(unet_cfg["transformer_depth"]))
+  return _export_plan(unet, ldm_plan(structure))
+
+
 def resblock_params(state_dict: Mapping[str, Any], key: str, naming: str = "diffusers") -> dict:
   """One ResBlock's params from a state dict holding it under `key` ('diffusers' or 'ldm' names)."""
   sd = StateDict(state_dict, key + ".")
   names = _DIFFUSERS_RES if naming == "diffusers" else _LDM_RES
-  return _run_plan(sd, [(p[1:], k[1:], kind, opt) for p, k, kind, opt in _res_plan(("",), "", names)])
+  return _run_plan(sd, _relative(_res_plan(("",), "", names)))
 
 
 def transformer_params(state_dict: Mapping[str, Any], key: str, depth: int = 1) -> dict:
-  """One SpatialTransformer's params from a state dict holding it under `key` (LDM = diffusers names)."""
+  """One SpatialTransformer's params from a state dict holding it under `key` (LDM and diffusers
+  share the names)."""
   sd = StateDict(state_dict, key + ".")
-  return _run_plan(sd, [(p[1:], k[1:], kind, opt) for p, k, kind, opt in _transformer_plan(("",), "", depth)])
+  return _run_plan(sd, _relative(_transformer_plan(("",), "", depth)))
+
+
+def _relative(plan) -> list[PlanEntry]:
+  """A block's plan made with path ('',) and key '' without that root."""
+  return [(p[1:], k[1:], kind, opt) for p, k, kind, opt in plan]

@@ -16,9 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ehrxdiff_jax.nn.layers import Dense
+from ehrxdiff_jax.nn.layers import Dense, constrain
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+QKV_AXES = ("batch", None, "heads", None)  # logical axes of q, k, v [B, L, H, D]
 
 
 def resolve_implementation(implementation: str, dtype, head_dim: int) -> str:
@@ -93,13 +94,12 @@ class MultiHeadAttention(nn.Module):
   def __call__(self, x, context=None, key_mask=None, deterministic: bool = True):
     context = x if context is None else context
     inner = self.num_heads * self.head_dim
-    b, lq, lk = x.shape[0], x.shape[1], context.shape[1]
+    b, lq = x.shape[0], x.shape[1]
     q = Dense(inner, ("embed", "heads"), use_bias=self.qkv_bias, dtype=self.dtype, name="q")(x)
     k = Dense(inner, ("embed", "heads"), use_bias=self.qkv_bias, dtype=self.dtype, name="k")(context)
     v = Dense(inner, ("embed", "heads"), use_bias=self.qkv_bias, dtype=self.dtype, name="v")(context)
-    q = q.reshape(b, lq, self.num_heads, self.head_dim)
-    k = k.reshape(b, lk, self.num_heads, self.head_dim)
-    v = v.reshape(b, lk, self.num_heads, self.head_dim)
+    q, k, v = (constrain(t.reshape(b, t.shape[1], self.num_heads, self.head_dim), QKV_AXES)
+               for t in (q, k, v))
     rate = 0.0 if deterministic else self.dropout
     out = dot_product_attention(q, k, v, key_mask=key_mask, implementation=self.implementation, dropout_rate=rate,
                                 dropout_rng=self.make_rng("dropout") if rate > 0.0 else None)

@@ -1,26 +1,29 @@
-"""The LDM denoising UNet (CompVis latent-diffusion `openaimodel.UNetModel` with spatial transformers).
+"""The LDM denoising UNet (CompVis latent-diffusion `openaimodel.UNetModel`, spatial transformers).
 
 Architecture (paper: model_channels 224, channel_mult (1, 2, 4, 4), 2 res blocks per level, spatial
 transformers at levels 1, 2, 3 and in the middle block, 8 heads, depth 1, context 768; 505,780,355
 parameters):
-  t -> sinusoidal embedding (cos first, width model_channels) -> Dense, SiLU, Dense (4 * model_channels)
+  t -> sinusoidal embedding (cos first, width model_channels) -> Dense, SiLU, Dense (4 x width)
   x -> conv_in -> per level L: `num_res_blocks` x [ResBlock (+ SpatialTransformer if L in
        attention_levels)], then a stride-2 conv downsample except at the last level
     -> middle: ResBlock, SpatialTransformer, ResBlock
-    -> per level L (deepest first): `num_res_blocks + 1` x [concat skip, ResBlock (+ SpatialTransformer)],
-       then nearest x2 upsample + conv except at level 0
+    -> per level L (deepest first): `num_res_blocks + 1` x [concat skip, ResBlock
+       (+ SpatialTransformer)], then nearest x2 upsample + conv except at level 0
     -> GroupNorm, SiLU, conv_out
-ResBlock: GroupNorm(eps 1e-5), SiLU, conv3x3, + Dense(SiLU(t_emb)), GroupNorm, SiLU, conv3x3, plus the
-input (through a 1x1 conv when the width changes); no scale-shift norm, dropout 0.
-SpatialTransformer: GroupNorm(eps 1e-6), 1x1 conv proj_in, `transformer_depth` x BasicTransformerBlock
-(LN, self-attention; LN, cross-attention to the context (self-attention when the context is None);
-LN, GEGLU feed-forward x4), 1x1 conv proj_out, plus the input. Head dim = channels / num_heads.
+ResBlock: GroupNorm(eps 1e-5), SiLU, conv3x3, + Dense(SiLU(t_emb)), GroupNorm, SiLU, conv3x3, plus
+the input (through a 1x1 conv when the width changes); no scale-shift norm, dropout 0.
+SpatialTransformer: GroupNorm(eps 1e-6), 1x1 conv proj_in, `transformer_depth` x
+BasicTransformerBlock (LN, self-attention; LN, cross-attention to the context (self-attention when
+the context is None); LN, GEGLU feed-forward x4), 1x1 conv proj_out, plus the input. Head dim =
+channels / num_heads.
 
-NHWC throughout. Parameter names: time_embed_0, time_embed_1, conv_in, down_{L}_res_{i},
-down_{L}_attn_{i}, down_{L}_downsample, mid_res_0, mid_attn, mid_res_1, up_{L}_res_{i}, up_{L}_attn_{i},
-up_{L}_upsample, norm_out, conv_out, with the level index L as in LDM (0 = full resolution) on both paths.
-Inside a ResBlock: norm1, conv1, emb_proj, norm2, conv2, skip; inside a SpatialTransformer: norm, proj_in,
-block_{d} (norm1, attn1 {q, k, v, out}, norm2, attn2, norm3, ff_in, ff_out), proj_out.
+NHWC throughout; the activations between blocks and the context carry the logical axis 'batch'
+(layers.constrain). Parameter names: time_embed_0, time_embed_1, conv_in, down_{L}_res_{i},
+down_{L}_attn_{i}, down_{L}_downsample, mid_res_0, mid_attn, mid_res_1, up_{L}_res_{i},
+up_{L}_attn_{i}, up_{L}_upsample, norm_out, conv_out, with the level index L as in LDM (0 = full
+resolution) on both paths. Inside a ResBlock: norm1, conv1, emb_proj, norm2, conv2, skip; inside a
+SpatialTransformer: norm, proj_in, block_{d} (norm1, attn1 {q, k, v, out}, norm2, attn2, norm3,
+ff_in, ff_out), proj_out.
 """
 import math
 from typing import Any, Sequence
@@ -30,9 +33,12 @@ import jax
 import jax.numpy as jnp
 
 from ehrxdiff_jax.nn.attention import MultiHeadAttention
-from ehrxdiff_jax.nn.layers import Conv, Dense, GroupNorm, LayerNorm, compute_dtype, maybe_remat, partitioned
+from ehrxdiff_jax.nn.layers import (CONV_KERNEL_AXES, Conv, Dense, GroupNorm, LayerNorm,
+                                   compute_dtype, constrain, maybe_remat, partitioned)
 
 Dtype = Any
+BLOCK_AXES = ("batch", None, None, None)  # logical axes of the NHWC activations between blocks
+CONTEXT_AXES = ("batch", None, None)       # the cross-attention context [B, T, D]
 
 
 def _dtype(dtype) -> Dtype:
@@ -40,17 +46,19 @@ def _dtype(dtype) -> Dtype:
 
 
 def ZeroConv(features: int, kernel_size: int, *, dtype: Dtype, name: str) -> nn.Conv:
-  """layers.Conv (stride 1, 'same' padding, same logical axes) with a zero kernel, as LDM's zero_module()
-  does for the last conv of every ResBlock, every SpatialTransformer's proj_out and the output conv."""
+  """layers.Conv (stride 1, 'same' padding, same logical axes) with a zero kernel, as LDM's
+  zero_module() does for the last conv of every ResBlock, every SpatialTransformer's proj_out and
+  the output conv."""
   pad = kernel_size // 2
-  return nn.Conv(features, (kernel_size, kernel_size), padding=((pad, pad), (pad, pad)), dtype=dtype,
-                 param_dtype=jnp.float32,
-                 kernel_init=partitioned(nn.initializers.zeros_init(), (None, None, "conv_in", "conv_out")),
+  return nn.Conv(features, (kernel_size, kernel_size), padding=((pad, pad), (pad, pad)),
+                 dtype=dtype, param_dtype=jnp.float32,
+                 kernel_init=partitioned(nn.initializers.zeros_init(), CONV_KERNEL_AXES),
                  bias_init=partitioned(nn.initializers.zeros_init(), ("conv_out",)), name=name)
 
 
 def timestep_embedding(timesteps: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
-  """LDM sinusoidal embedding [B] -> [B, dim] float32: [cos(t f_i), sin(t f_i)], f_i = max_period^(-i/half)."""
+  """LDM sinusoidal embedding [B] -> [B, dim] float32: [cos(t f_i), sin(t f_i)],
+  f_i = max_period^(-i/half)."""
   half = dim // 2
   freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
   args = jnp.asarray(timesteps, jnp.float32)[:, None] * freqs[None, :]
@@ -81,7 +89,7 @@ class ResBlock(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-  """Pre-LN block: self-attention, cross-attention to `context` (self when None), GEGLU feed-forward."""
+  """Pre-LN block: self-attention, cross-attention to `context` (self when None), GEGLU FF."""
   num_heads: int
   head_dim: int
   dtype: Dtype = jnp.float32
@@ -91,8 +99,8 @@ class BasicTransformerBlock(nn.Module):
   def __call__(self, x, context=None):
     dt = _dtype(self.dtype)
     dim = x.shape[-1]
-    attn = lambda name: MultiHeadAttention(self.num_heads, self.head_dim, dim, qkv_bias=False, dtype=dt,
-                                           implementation=self.attention, name=name)
+    attn = lambda name: MultiHeadAttention(self.num_heads, self.head_dim, dim, qkv_bias=False,
+                                           dtype=dt, implementation=self.attention, name=name)
     x = x + attn("attn1")(LayerNorm(1e-5, dtype=dt, name="norm1")(x))
     h = LayerNorm(1e-5, dtype=dt, name="norm2")(x)
     x = x + attn("attn2")(h, None if context is None else context.astype(dt))
@@ -169,7 +177,7 @@ class UNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, timesteps, context=None):
-    """x [B, h, w, in_channels], timesteps [B] (int or float), context [B, T, context_dim] or None."""
+    """x [B, h, w, in_channels], timesteps [B] (int or float), context [B, T, context_dim]|None."""
     dt = _dtype(self.dtype)
     if x.shape[-1] != self.in_channels:
       raise ValueError(f"UNet expects {self.in_channels} input channels, got {x.shape}")
@@ -191,32 +199,35 @@ class UNet(nn.Module):
     emb = Dense(4 * mc, ("embed", "mlp"), dtype=dt, name="time_embed_0")(t)
     emb = Dense(4 * mc, ("mlp", "embed"), dtype=dt, name="time_embed_1")(nn.silu(emb))
 
-    h = Conv(mc, 3, padding=1, dtype=dt, name="conv_in")(x)
+    act = lambda a: constrain(a, BLOCK_AXES)  # noqa: E731 - every block's input and output
+    context = None if context is None else constrain(context, CONTEXT_AXES)
+    h = act(Conv(mc, 3, padding=1, dtype=dt, name="conv_in")(act(x)))
     skips = [h]
     for level, mult in enumerate(self.channel_mult):
       for i in range(self.num_res_blocks):
-        h = res_cls(mult * mc, self.norm_groups, dtype=dt, name=f"down_{level}_res_{i}")(h, emb)
+        res = res_cls(mult * mc, self.norm_groups, dtype=dt, name=f"down_{level}_res_{i}")
+        h = act(res(h, emb))
         if level in attn_levels:
-          h = transformer(f"down_{level}_attn_{i}")(h, context)
+          h = act(transformer(f"down_{level}_attn_{i}")(h, context))
         skips.append(h)
       if level != n_levels - 1:
-        h = Downsample(h.shape[-1], dtype=dt, name=f"down_{level}_downsample")(h)
+        h = act(Downsample(h.shape[-1], dtype=dt, name=f"down_{level}_downsample")(h))
         skips.append(h)
 
-    h = res_cls(h.shape[-1], self.norm_groups, dtype=dt, name="mid_res_0")(h, emb)
-    h = transformer("mid_attn")(h, context)
-    h = res_cls(h.shape[-1], self.norm_groups, dtype=dt, name="mid_res_1")(h, emb)
+    h = act(res_cls(h.shape[-1], self.norm_groups, dtype=dt, name="mid_res_0")(h, emb))
+    h = act(transformer("mid_attn")(h, context))
+    h = act(res_cls(h.shape[-1], self.norm_groups, dtype=dt, name="mid_res_1")(h, emb))
 
     for level in reversed(range(n_levels)):
       mult = self.channel_mult[level]
       for i in range(self.num_res_blocks + 1):
         h = jnp.concatenate([h, skips.pop().astype(h.dtype)], axis=-1)
-        h = res_cls(mult * mc, self.norm_groups, dtype=dt, name=f"up_{level}_res_{i}")(h, emb)
+        h = act(res_cls(mult * mc, self.norm_groups, dtype=dt, name=f"up_{level}_res_{i}")(h, emb))
         if level in attn_levels:
-          h = transformer(f"up_{level}_attn_{i}")(h, context)
+          h = act(transformer(f"up_{level}_attn_{i}")(h, context))
       if level != 0:
-        h = Upsample(h.shape[-1], dtype=dt, name=f"up_{level}_upsample")(h)
+        h = act(Upsample(h.shape[-1], dtype=dt, name=f"up_{level}_upsample")(h))
 
     h = GroupNorm(self.norm_groups, 1e-5, dtype=dt, name="norm_out")(h)
     h = ZeroConv(self.out_channels, 3, dtype=dt, name="conv_out")(nn.silu(h))
-    return h.astype(x.dtype)
+    return act(h.astype(x.dtype))

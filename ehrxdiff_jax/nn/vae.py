@@ -112,6 +112,11 @@ class AttnBlock(nn.Module):
     return x + o.reshape(b, hgt, wid, c)
 
 
+def downsample_factor(ch_mult: Sequence[int]) -> int:
+  """f, the image-to-latent size ratio: one stride-2 downsample between consecutive levels."""
+  return 2 ** (len(ch_mult) - 1)
+
+
 def _downsample(x, conv):
   # LDM pads right and bottom by one, then a 3x3 stride-2 convolution without padding.
   return conv(jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0))))
@@ -189,7 +194,7 @@ class AutoencoderKL(nn.Module):
 
   `encode(x) -> DiagonalGaussian` (float32 moments), `decode(z) -> image` (float32), and
   `__call__(x, sample_rng=None)` reconstructs through the posterior mode (or a sample given a key).
-  Latents [B, H/f, W/f, embed_dim] with f = 2 ** (len(ch_mult) - 1).
+  Latents [B, H/f, W/f, embed_dim] with f = `downsample_factor(ch_mult)`.
   """
   in_channels: int = 3
   out_channels: int = 3
@@ -216,7 +221,7 @@ class AutoencoderKL(nn.Module):
 
   @property
   def downsample_factor(self) -> int:
-    return 2 ** (len(self.ch_mult) - 1)
+    return downsample_factor(self.ch_mult)
 
   def encode(self, x: jax.Array) -> DiagonalGaussian:
     """x [B, H, W, in_channels] in [-1, 1] -> posterior over latents [B, H/f, W/f, embed_dim]."""

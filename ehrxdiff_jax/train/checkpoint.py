@@ -1,17 +1,18 @@
 """Orbax checkpoints of the training state, the data iterator state and a small JSON record.
 
-Layout: WORKDIR/checkpoints/<step>/{state, data, meta}. Saves are asynchronous (the device->host copy
-happens in `save`, the writing in a background thread); at most `keep` are kept. Orbax writes every
-checkpoint into `<step>.orbax-checkpoint-tmp-*` and renames it only once all items are written, so a
-crash in the middle of a save leaves a temporary directory that `latest_step` ignores (and the next
-manager removes): it never restores as if complete.
+Layout: WORKDIR/checkpoints/<step>/{state, data, meta}. Saves are asynchronous (the device->host
+copy happens in `save`, the writing in a background thread); at most `keep` are kept. Orbax writes
+every checkpoint into `<step>.orbax-checkpoint-tmp-*` and renames it only once all items are
+written, so a crash in the middle of a save leaves a temporary directory that `latest_step` ignores
+(and the next manager removes): it never restores as if complete.
 
 Restoring goes through an abstract target whose leaves carry the *current* mesh's shardings, so a
 checkpoint saved on 8 devices restores on 1 or 4 (or another mesh shape).
 
-Reading another run's parameters (initialising from a CLIP / VAE / LDM run, sampling, `ehrxdiff convert`
-output) goes through one function, `restore_run_params`: a partial restore of `params` (and optionally
-`ema_params`) of one step, as host numpy arrays or placed with a sharding, checked against expected shapes.
+Reading another run's parameters (initialising from a CLIP / VAE / LDM run, sampling, `ehrxdiff
+convert` output) goes through one function, `restore_run_params`: a partial restore of `params`
+(and optionally `ema_params`) of one step, as host numpy arrays or placed with a sharding, checked
+against expected shapes.
 """
 from __future__ import annotations
 
@@ -26,12 +27,15 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from ehrxdiff_jax.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
 def _grain_args():
   import grain
-  return grain.checkpoint.CheckpointSave, grain.checkpoint.CheckpointRestore, grain.checkpoint.CheckpointHandler
+  ckpt = grain.checkpoint
+  return ckpt.CheckpointSave, ckpt.CheckpointRestore, ckpt.CheckpointHandler
 
 
 class Checkpointer:
@@ -59,39 +63,53 @@ class Checkpointer:
   def save(self, step: int, state: Any, data_iter: Any = None, meta: dict | None = None) -> bool:
     """Starts an (asynchronous) save of `state` (+ iterator state, + JSON `meta`) at `step`."""
     save_cls, _, _ = _grain_args()
-    items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(dict(meta or {}, step=int(step)))}
+    items = {"state": ocp.args.StandardSave(state),
+             "meta": ocp.args.JsonSave(dict(meta or {}, step=int(step)))}
     if data_iter is not None and hasattr(data_iter, "get_state"):
       items["data"] = save_cls(data_iter)
     return self.manager.save(int(step), args=ocp.args.Composite(**items), force=True)
 
-  def restore(self, abstract_state: Any, step: int | None = None, data_iter: Any = None) -> tuple[Any, dict]:
+  def delete(self, step: int) -> None:
+    self.manager.delete(int(step))
+
+  def restore(self, abstract_state: Any, step: int | None = None, data_iter: Any = None,
+              restart_data: bool = False) -> tuple[Any, dict]:
     """(state, meta) of `step` (default: the latest complete one), placed as `abstract_state` says.
 
     `abstract_state`: a pytree of jax.ShapeDtypeStruct with `sharding` set (see `Trainer.abstract_state`).
-    `data_iter`, when given, has its state set to the saved one (in place).
+    `data_iter`, when given, has its state set to the saved one (in place); a checkpoint without that
+    state is refused (the resume would not be exact) unless `restart_data`, which reads the data from the
+    beginning instead.
     """
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
     _, restore_cls, _ = _grain_args()
     items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
-    saved_items = self._items_of(step)
+    saved_items = self._require_items(step, ("state", "meta"))
     if data_iter is not None and hasattr(data_iter, "set_state"):
       if "data" in saved_items:
         items["data"] = restore_cls(data_iter)
-      else:
+      elif restart_data:
         log.warning("checkpoint %d has no data iterator state; the data restart from the beginning", step)
+      else:
+        raise CheckpointError(
+            f"checkpoint {os.path.join(self.directory, str(step))} has no data/ item (the data iterator state), so "
+            "the resume would not continue the data where the run stopped: pass --restart-data to resume with "
+            "the data read from the beginning, or use another --workdir")
     out = self.manager.restore(step, args=ocp.args.Composite(**items))
     return out["state"], dict(out["meta"] or {})
 
-  def restore_meta(self, step: int | None = None) -> dict:
-    step = self.latest_step() if step is None else step
-    out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-    return dict(out["meta"] or {})
-
-  def _items_of(self, step: int) -> set[str]:
+  def _require_items(self, step: int, needed: Sequence[str]) -> set[str]:
+    """The items saved in checkpoint `step`; CheckpointError naming the first of `needed` that is missing."""
     path = os.path.join(self.directory, str(step))
-    return set(os.listdir(path)) if os.path.isdir(path) else set()
+    items = set(os.listdir(path)) if os.path.isdir(path) else set()
+    for item in needed:
+      if item not in items:
+        raise CheckpointError(f"checkpoint {path} has no {item}/ item: it is damaged or was not written by "
+                              f"`ehrxdiff train`; move {path} away to resume from the checkpoint before it, or "
+                              "use another --workdir")
+    return items
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -101,21 +119,16 @@ class Checkpointer:
     self.manager.close()
 
 
-def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
-  """ShapeDtypeStructs of `tree` (arrays or structs) carrying `shardings` (a matching tree)."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+# ------------------------------------------------------------- reading another run's parameters
 
 
-# ------------------------------------------------------------------ reading another run's parameters
-
-
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
   """A run directory or checkpoint that cannot be read as asked; the message names the path and the problem."""
 
 
 def resolve_step_dir(path: str, step: int | None = None) -> tuple[str, str, int]:
-  """A run directory (WORKDIR with checkpoints/<step>/), its checkpoints/ folder or one step folder ->
-  (workdir, step folder, step): `step`, or the latest complete one. Unfinalised saves
+  """A run directory (WORKDIR with checkpoints/<step>/), its checkpoints/ folder or one step folder
+  -> (workdir, step folder, step): `step`, or the latest complete one. Unfinalised saves
   (`<step>.orbax-checkpoint-tmp-*`) are not steps."""
   path = os.path.abspath(os.path.expanduser(path))
   if not os.path.isdir(path):
@@ -124,9 +137,11 @@ def resolve_step_dir(path: str, step: int | None = None) -> tuple[str, str, int]
     if step is not None and int(os.path.basename(path)) != step:
       raise CheckpointError(f"step {step} asked for, but {path} is step {os.path.basename(path)}")
     return os.path.dirname(os.path.dirname(path)), path, int(os.path.basename(path))
-  ckpt = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+  ckpt = os.path.join(path, "checkpoints")
+  ckpt = ckpt if os.path.isdir(ckpt) else path
   workdir = os.path.dirname(ckpt) if os.path.basename(ckpt) == "checkpoints" else path
-  steps = sorted(int(d) for d in os.listdir(ckpt) if d.isdigit() and os.path.isdir(os.path.join(ckpt, d, "state")))
+  steps = sorted(int(d) for d in os.listdir(ckpt)
+                 if d.isdigit() and os.path.isdir(os.path.join(ckpt, d, "state")))
   if not steps:
     raise CheckpointError(f"no complete checkpoint under {ckpt}")
   if step is None:
@@ -138,8 +153,8 @@ def resolve_step_dir(path: str, step: int | None = None) -> tuple[str, str, int]
 
 class _NoItemMetadataWarning(logging.Filter):
   """Reading the 'state' item of a CheckpointManager step on its own, orbax warns that
-  `state/_CHECKPOINT_METADATA` is absent: that file lives one level up, in the step directory. Expected;
-  dropped so that users see no false alarm."""
+  `state/_CHECKPOINT_METADATA` is absent: that file lives one level up, in the step directory.
+  Expected; dropped so that users see no false alarm."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Metadata file does not exist")
@@ -156,14 +171,16 @@ def _item_read():
 
 
 def saved_state_tree(step_dir: str) -> dict:
-  """The saved TrainState's structure (nested dicts of orbax ArrayMetadata: shape, dtype); reads no array."""
+  """The saved TrainState's structure (nested dicts of orbax ArrayMetadata: shape, dtype); reads no
+  array."""
   with _item_read() as checkpointer:
     tree = checkpointer.metadata(os.path.join(step_dir, "state"))
   for attr in ("item_metadata", "tree"):   # the metadata object differs between orbax versions
     tree = getattr(tree, attr, tree)
   tree = dict(tree)
   if not isinstance(tree.get("params"), dict):
-    raise CheckpointError(f"{step_dir} is not a training-state checkpoint (no 'params'; has {sorted(tree)})")
+    raise CheckpointError(f"{step_dir} is not a training-state checkpoint (no 'params'; has "
+                          f"{sorted(tree)})")
   return tree
 
 
@@ -176,7 +193,8 @@ def shape_problems(saved: Any, expected: Any, where: str) -> list[str]:
   """Each leaf missing from `saved`, not in `expected`, or of another shape, named by its path."""
   s = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
   e = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(expected)[0]}
-  out = [f"{where}{k}: missing in the checkpoint (expected shape {tuple(e[k].shape)})" for k in sorted(set(e) - set(s))]
+  out = [f"{where}{k}: missing in the checkpoint (expected shape {tuple(e[k].shape)})"
+         for k in sorted(set(e) - set(s))]
   out += [f"{where}{k}: in the checkpoint but not in the model" for k in sorted(set(s) - set(e))]
   out += [f"{where}{k}: checkpoint {tuple(s[k].shape)}, model {tuple(e[k].shape)}"
           for k in sorted(set(s) & set(e)) if tuple(s[k].shape) != tuple(e[k].shape)]
@@ -202,12 +220,12 @@ def restore_run_params(path: str, step: int | None = None, *, parts: Sequence[st
                        expected: dict | None = None, ema: bool = False, sharding=None) -> RunParams:
   """The parameters of a run's checkpoint, without its optimiser state (orbax partial restore).
 
-  path: a run directory, its checkpoints/ folder or one step folder (resolve_step_dir); step: default the
-  latest. parts: the top-level parts of `params` to read (default all); each must be present.
-  expected: {part: tree of ShapeDtypeStruct} (e.g. `abstract_params` of the model's tree): reads those
-  parts and refuses any missing, extra or mis-shaped leaf, naming every problem. ema: also read the saved
-  `ema_params` of those parts, where the run has them. sharding: None gives host numpy arrays (any mesh
-  the run was saved on); a jax Sharding places every leaf with it (e.g. replicated over a mesh).
+  path: a run directory, its checkpoints/ folder or one step folder (resolve_step_dir); step:
+  default the latest. parts: the top-level parts of `params` to read (default all); each must be
+  present. expected: {part: tree of ShapeDtypeStruct} (e.g. `abstract_params` of the model's tree):
+  reads those parts and refuses any missing, extra or mis-shaped leaf, naming every problem. ema:
+  also read the saved `ema_params` of those parts, where the run has them. sharding: None gives host
+  numpy arrays (any mesh the run was saved on); a jax Sharding places every leaf with it.
   """
   workdir, step_dir, step = resolve_step_dir(path, step)
   saved = saved_state_tree(step_dir)
@@ -221,14 +239,16 @@ def restore_run_params(path: str, step: int | None = None, *, parts: Sequence[st
   if expected is not None:
     problems = shape_problems({p: saved["params"][p] for p in parts}, expected, "params")
     if problems:
-      raise CheckpointError(f"the checkpoint {step_dir} does not match the model ({len(problems)} problems): "
-                            + "; ".join(problems[:8]) + ("; ..." if len(problems) > 8 else ""))
+      raise CheckpointError(f"the checkpoint {step_dir} does not match the model ({len(problems)} "
+                            "problems): " + "; ".join(problems[:8])
+                            + ("; ..." if len(problems) > 8 else ""))
   item = {"params": {p: saved["params"][p] for p in parts}}
   saved_ema = saved.get("ema_params") or {}
   ema_parts = [p for p in parts if p in saved_ema] if ema else []
   if ema_parts:
     item["ema_params"] = {p: saved_ema[p] for p in ema_parts}
-  item = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding), item)
+  item = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding),
+                      item)
   if sharding is None:
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
   else:
@@ -242,5 +262,6 @@ def restore_run_params(path: str, step: int | None = None, *, parts: Sequence[st
   if os.path.exists(meta_path):
     with open(meta_path) as f:
       meta = json.load(f)
-  return RunParams(params=dict(restored["params"]), ema_params=dict(restored.get("ema_params") or {}), meta=meta,
-                   step=step, step_dir=step_dir, workdir=workdir)
+  return RunParams(params=dict(restored["params"]),
+                   ema_params=dict(restored.get("ema_params") or {}), meta=meta, step=step,
+                   step_dir=step_dir, workdir=workdir)

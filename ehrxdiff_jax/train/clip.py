@@ -1,44 +1,45 @@
-"""CLIP pretraining of the conditioner's two towers on (I_prev, S_event) pairs (model-facts.md, "CLIP
-pretraining"; the reference's CLIP_pretrain CustomTabViTCLIPWrapper).
+"""CLIP pretraining of the conditioner's two towers on (I_prev, S_event) pairs (model-facts.md,
+"CLIP pretraining"; the reference's CLIP_pretrain CustomTabViTCLIPWrapper).
 
 Per (micro-)batch of GLOBAL arrays, inside the jitted step:
-  image   = RandomResizedCrop(I_prev) (training only; `augment.random_resized_crop`, scale 0.75-1, ratio 1)
-  u_i     = ln_post(CLS) of the image tower (`VisionTransformer.pooled`; no projection, as the reference)
-  v_i     = pool of the table-tower tokens over the events: 'mean' = mean over the valid tokens (default),
-            'reference_sum' = the reference's sum over all slots (padding included) / valid count
-  logits  = exp(clip(s, -ln 100, ln 100)) * norm(u) @ norm(v)^T        [B, B], B = the GLOBAL batch
+  image   = RandomResizedCrop(I_prev) (training only; `augment.random_resized_crop`, scale 0.75-1,
+            ratio 1)
+  u_i     = ln_post(CLS) of the image tower (`VisionTransformer.pooled`; no projection, as the
+            reference)
+  v_i     = pool of the table-tower tokens over the events: 'mean' = mean over the valid tokens
+            (default), 'reference_sum' = the reference's sum over all slots (padding included) /
+            valid count
+  logits  = exp(clip(s, -ln 100, ln 100)) * norm(u) @ norm(v)^T      [B, B], B = the GLOBAL batch
   loss    = (CE(logits, arange B) + CE(logits^T, arange B)) / 2
-Negatives span the whole global batch: the batch arrives as one jax.Array sharded over ('data', 'fsdp'),
-so the [B, B] similarity is a global computation (XLA inserts the all-gather); there is no per-device
-loss and no per-device mean. Metrics: loss, logit_scale (= exp of the clamped parameter), retrieval
-accuracy image->events (`acc_img2ev`: argmax over each row) and events->image (`acc_ev2img`).
+Negatives span the whole global batch: the batch is one jax.Array sharded over ('data', 'fsdp'), so
+the [B, B] similarity is a global computation (XLA inserts the all-gather), with no per-device loss
+or mean. Metrics: loss, logit_scale (= exp of the clamped parameter), retrieval accuracy
+image->events (`acc_img2ev`: argmax over each row) and events->image (`acc_ev2img`).
 
-The logit scale s is a learnable scalar (init ln(1/0.07)), clamped to [-ln 100, ln 100] where it is
-used; the reference clamps the parameter itself after every step, which `post_update` does when the loop
-calls it (with the forward clamp alone the scale is the same; only the hidden parameter may drift above
-ln 100 while its gradient is zero there). Parameters: {'image_tower' (with ln_post), 'table_tower',
-'logit_scale'}; all trainable, no EMA. AdamW lr 5e-4, betas (0.9, 0.98), eps 1e-6, weight decay 0.2 on
-every parameter (the reference decays all of them), per optimisation step a warm-up + cosine in cycles of
-500 steps that restart (train.schedule='cosine_restarts'): configs/clip.py.
+The logit scale s is a learnable scalar (init ln(1/0.07)), clamped to [-ln 100, ln 100] where it
+is used; `post_update` also clamps the parameter after every step, as the reference (the forward
+clamp alone gives the same scale; only the hidden parameter could drift above ln 100, where its
+gradient is zero). Parameters: {'image_tower' (with ln_post), 'table_tower', 'logit_scale'}; all
+trainable, no EMA. AdamW lr 5e-4, betas (0.9, 0.98), eps 1e-6, weight decay 0.2 on every parameter
+(as the reference), per optimisation step a warm-up + cosine in cycles of 500 steps that restart
+(train.schedule='cosine_restarts'): configs/clip.py.
 
-Image-tower initialisation (`train.clip_vision_init`): a transformers `CLIPVisionModel` / `CLIPModel`
-state dict (.safetensors/.bin/.pt) or an OpenAI-CLIP `visual.*` state dict, e.g. ViT-B/32 at 224 px; the
-positional embedding 7x7+1 is adapted to the config's grid (8x8+1 at 256 px) by 'interpolate' (bicubic)
-or 'reinit' (the reference: OpenAI's positional embedding is dropped and the fresh random one kept),
+Image-tower initialisation (`train.clip_vision_init`): a transformers `CLIPVisionModel` /
+`CLIPModel` state dict (.safetensors/.bin/.pt) or an OpenAI-CLIP `visual.*` one, e.g. ViT-B/32 at
+224 px; the positional embedding 7x7+1 is adapted to the config's grid (8x8+1 at 256 px) by
+'interpolate' (bicubic) or 'reinit' (the reference: OpenAI's is dropped, the fresh random one kept),
 `train.clip_pos_embed`. The weights enter `init_params` as constants of the jitted initialiser.
 
-Using the result: `load_clip_towers(workdir)` reads the latest checkpoint of a CLIP run (host numpy) and
-`init_from_clip(boxed_tree, workdir)` puts its towers into a (boxed) parameter tree that has
-'image_tower' / 'table_tower' entries: the LDM conditioner (`train.init_from`) and the table classifier.
+Using the result: `load_clip_towers(workdir)` reads the latest checkpoint of a CLIP run (host
+numpy) and `clip_init_state(state, workdir, part)` puts its towers into a fresh TrainState: the LDM
+conditioner (`train.init_from`) and the table classifier.
 """
 from __future__ import annotations
 
 import functools
 import math
 import os
-from typing import Any, Mapping
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,8 +47,10 @@ import numpy as np
 from ehrxdiff_jax import models
 from ehrxdiff_jax.augment import random_resized_crop
 from ehrxdiff_jax.nn.table import pool_tokens
-from ehrxdiff_jax.train.checkpoint import CheckpointError, resolve_step_dir, restore_run_params, saved_param_parts
+from ehrxdiff_jax.train.checkpoint import (CheckpointError, resolve_step_dir, restore_run_params,
+                                           saved_param_parts)
 from ehrxdiff_jax.train.objective import Objective
+from ehrxdiff_jax.train.state import put_params, replace_in_boxed, replace_part
 
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
 LOGIT_SCALE_MAX = math.log(100.0)
@@ -73,7 +76,8 @@ def contrastive_loss(image_emb: jax.Array, table_emb: jax.Array, logit_scale: ja
   logit_scale: the log-scale parameter (clamped here). Returns (loss, metrics)."""
   u, v = l2_normalize(image_emb), l2_normalize(table_emb)
   scale = jnp.exp(clamp_logit_scale(logit_scale, max_logit_scale))
-  logits = scale * jnp.matmul(u, v.T, precision=jax.lax.Precision.HIGHEST)     # [B, B]: image i vs events j
+  # [B, B]: image i against events j
+  logits = scale * jnp.matmul(u, v.T, precision=jax.lax.Precision.HIGHEST)
   diag = jnp.diagonal(logits)
   loss_img = jnp.mean(jax.nn.logsumexp(logits, axis=1) - diag)                 # image -> events
   loss_ev = jnp.mean(jax.nn.logsumexp(logits, axis=0) - diag)                  # events -> image
@@ -86,53 +90,22 @@ def contrastive_loss(image_emb: jax.Array, table_emb: jax.Array, logit_scale: ja
   return 0.5 * (loss_img + loss_ev), metrics
 
 
-# ------------------------------------------------------------------ parameter-tree helpers
-
-
-def _replace_leaves(tree: Any, new: Any, replace_leaf, where: str = "") -> Any:
-  """A copy of `tree` with the leaves present in `new` (a nested dict, a subset of the tree) replaced by
-  `replace_leaf(old leaf, new value, path)`; a sub-tree where the model has a leaf, an unknown name or
-  another shape is an error naming the path."""
-  if isinstance(new, Mapping):
-    if not isinstance(tree, Mapping):
-      raise ValueError(f"{where or '<root>'}: the checkpoint has a sub-tree where the model has a leaf")
-    out = dict(tree)
-    for k, v in new.items():
-      if k not in tree:
-        raise ValueError(f"{where}/{k}: not a parameter of the model (have {sorted(tree)})")
-      out[k] = _replace_leaves(tree[k], v, replace_leaf, f"{where}/{k}")
-    return out
-  model_shape = tuple((tree.value if isinstance(tree, nn.Partitioned) else tree).shape)
-  if tuple(np.shape(new)) != model_shape:
-    raise ValueError(f"{where}: shape {tuple(np.shape(new))} from the checkpoint, the model has {model_shape}")
-  return replace_leaf(tree, new)
-
-
-def _boxed_leaf(boxed, new):
-  value = boxed.value if isinstance(boxed, nn.Partitioned) else boxed
-  arr = jnp.asarray(new, value.dtype)
-  return boxed.replace_boxed(arr) if isinstance(boxed, nn.Partitioned) else arr
-
-
-def replace_in_boxed(boxed: Any, new: Any, where: str = "") -> Any:
-  """A copy of the (possibly boxed) parameter tree `boxed` with the leaves present in `new` (a nested
-  dict of arrays, a subset of the tree) replaced, keeping the nn.Partitioned boxes (logical axes).
-  Shapes must match exactly."""
-  return _replace_leaves(boxed, new, _boxed_leaf, where)
+# ------------------------------------------------------------------ using a CLIP run
 
 
 def load_clip_towers(path: str, include_ln_post: bool = False) -> dict:
   """{'image_tower', 'table_tower', 'logit_scale'} (numpy) of the latest checkpoint of a CLIP run.
 
-  `path`: the CLIP workdir, its checkpoints/ folder, or one step folder. `include_ln_post=False` drops
-  the image tower's ln_post (the conditioner does not use it)."""
-  step_dir = resolve_step_dir(path)[1]   # one step for both reads, even while the CLIP run is saving
+  `path`: the CLIP workdir, its checkpoints/ folder, or one step folder. `include_ln_post=False`
+  drops the image tower's ln_post (the conditioner does not use it)."""
+  step_dir = resolve_step_dir(path)[1]   # one step for both reads, even while the run is saving
   have = saved_param_parts(step_dir)
   missing = [k for k in ("image_tower", "table_tower") if k not in have]
   if missing:
-    raise CheckpointError(f"{path}: not a CLIP checkpoint (no {missing} in its params; has {sorted(have)})")
-  params = restore_run_params(step_dir, parts=[k for k in ("image_tower", "table_tower", "logit_scale")
-                                               if k in have]).params
+    raise CheckpointError(f"{path}: not a CLIP checkpoint (no {missing} in its params; has "
+                          f"{sorted(have)})")
+  parts = [k for k in ("image_tower", "table_tower", "logit_scale") if k in have]
+  params = restore_run_params(step_dir, parts=parts).params
   image = dict(params["image_tower"])
   if not include_ln_post:
     image.pop("ln_post", None)
@@ -142,58 +115,11 @@ def load_clip_towers(path: str, include_ln_post: bool = False) -> dict:
   return out
 
 
-def init_from_clip(boxed: dict, path: str, parts: tuple[str, ...] = ("image_tower", "table_tower"),
-                   table_encoder_only: bool = False) -> dict:
-  """`boxed` (e.g. the conditioner's sub-tree) with its CLIP towers taken from the CLIP run at `path`.
-
-  Only the parts present in `boxed` are replaced (a conditioner without the image stream has no
-  image_tower). `table_encoder_only`: take only the transformer layers of the table tower, not its
-  output Linear `fc` (the table classifier, which has no fc). Traced inside init_params: the loaded
-  arrays become constants of the jitted initialiser."""
-  towers = load_clip_towers(path, include_ln_post=False)
-  out = dict(boxed)
-  for part in parts:
-    if part not in boxed:
-      continue
-    new = towers[part]
-    if part == "table_tower" and table_encoder_only:
-      new = {k: v for k, v in new.items() if k != "fc"}
-    if part == "image_tower" and "ln_post" not in boxed[part]:
-      new = {k: v for k, v in new.items() if k != "ln_post"}
-    out[part] = replace_in_boxed(boxed[part], new, part)
-  return out
-
-
-def _placed_leaf(placed, new):
-  value = np.asarray(new, dtype=placed.dtype)
-  return jax.make_array_from_callback(value.shape, placed.sharding, lambda idx: value[idx])
-
-
-def put_params(tree: Any, new: Any, where: str = "") -> Any:
-  """A copy of a tree of placed (sharded) jax.Arrays with the leaves present in `new` (nested numpy
-  subset) replaced by arrays of the same shape, dtype and sharding (works on several processes: every
-  process holds the whole host value)."""
-  return _replace_leaves(tree, new, _placed_leaf, where)
-
-
-def _replace_part(state, part: str | None, fn):
-  """state with params[part] (the whole params when part is None) := fn(params[part]); an EMA copy of
-  that part, if any, gets the same values."""
-  params = dict(state.params)
-  if part is None:
-    params = fn(params)
-  else:
-    params[part] = fn(params[part])
-  ema = state.ema_params
-  if ema and part is not None and part in ema:
-    ema = {**ema, part: fn(ema[part])}
-  return state.replace(params=params, ema_params=ema)
-
-
-def clip_init_state(state, path: str, part: str | None = "conditioner", table_encoder_only: bool = False):
-  """A fresh TrainState whose params[part] (e.g. the LDM's 'conditioner'; None: the top level, e.g. the
-  table classifier) takes the CLIP towers of the CLIP run at `path` (host-side, after init_state; the
-  `objective.init_from(state, path, trainer)` hook of commands/train.py)."""
+def clip_init_state(state, path: str, part: str | None = "conditioner",
+                    table_encoder_only: bool = False):
+  """A fresh TrainState whose params[part] (e.g. the LDM's 'conditioner'; None: the top level, e.g.
+  the table classifier) takes the towers of the CLIP run at `path` (host-side, after init_state: the
+  objectives' `init_from`)."""
   towers = load_clip_towers(path, include_ln_post=False)
 
   def fn(tree):
@@ -208,9 +134,10 @@ def clip_init_state(state, path: str, part: str | None = "conditioner", table_en
         t = {k: v for k, v in t.items() if k != "ln_post"}
       new[name] = t
     if not new:
-      raise ValueError(f"no image_tower / table_tower to initialise from {path} (have {sorted(tree)})")
+      raise ValueError(f"no image_tower / table_tower to initialise from {path} (have "
+                       f"{sorted(tree)})")
     return put_params(tree, new, part or "")
-  return _replace_part(state, part, fn)
+  return replace_part(state, part, fn)
 
 
 # ------------------------------------------------------------------ image-tower initialisation
@@ -221,19 +148,20 @@ def _converted_vision(path: str, grid: int | None) -> dict:
   from ehrxdiff_jax.interop import clip as clip_interop
   from ehrxdiff_jax.interop.common import load_state_dict
   sd = load_state_dict(path)
-  with jax.ensure_compile_time_eval():  # runs eagerly even when first called inside init_params' trace
+  with jax.ensure_compile_time_eval():  # eager even when first called inside init_params' trace
     if any(k.startswith("visual.") for k in sd):
       return clip_interop.convert_openai_clip_visual(sd, include_ln_post=True, grid=grid)
     return clip_interop.convert_hf_clip_vision(sd, include_ln_post=True, grid=grid)
 
 
 def vision_init_params(path: str, grid: int, pos_embed: str = "interpolate") -> dict:
-  """Image-tower params (numpy, with ln_post) from a CLIP vision state dict, adapted to `grid`x`grid`
-  patches: 'interpolate' resizes the positional embedding, 'reinit' leaves it out (the caller keeps
-  its freshly initialised one)."""
+  """Image-tower params (numpy, with ln_post) from a CLIP vision state dict, adapted to
+  `grid`x`grid` patches: 'interpolate' resizes the positional embedding, 'reinit' leaves it out (the
+  caller keeps its freshly initialised one)."""
   if pos_embed not in POS_EMBED_MODES:
     raise ValueError(f"unknown clip_pos_embed {pos_embed!r}; expected one of {POS_EMBED_MODES}")
-  params = dict(_converted_vision(os.path.abspath(path), grid if pos_embed == "interpolate" else None))
+  grid = grid if pos_embed == "interpolate" else None
+  params = dict(_converted_vision(os.path.abspath(path), grid))
   if pos_embed == "reinit":
     params.pop("positional_embedding")
   return params
@@ -260,7 +188,8 @@ class CLIPObjective(Objective):
     self.logit_scale_init = float(t.get("clip_logit_scale_init", LOGIT_SCALE_INIT))
     self.max_logit_scale = float(t.get("clip_max_logit_scale", LOGIT_SCALE_MAX))
     if self.pos_embed not in POS_EMBED_MODES:
-      raise ValueError(f"unknown train.clip_pos_embed {self.pos_embed!r}; expected one of {POS_EMBED_MODES}")
+      raise ValueError(f"unknown train.clip_pos_embed {self.pos_embed!r}; expected one of "
+                       f"{POS_EMBED_MODES}")
 
   def init_params(self, rng):
     r_img, r_tab = jax.random.split(rng)
@@ -268,8 +197,8 @@ class CLIPObjective(Objective):
     image = self.image_tower.init(r_img, b["prev_image"], method="pooled")["params"]
     table = self.table_tower.init(r_tab, b["events"], b["event_mask"])["params"]
     if self.vision_init:
-      image = replace_in_boxed(image, vision_init_params(self.vision_init, self.image_tower.grid, self.pos_embed),
-                               "image_tower")
+      init = vision_init_params(self.vision_init, self.image_tower.grid, self.pos_embed)
+      image = replace_in_boxed(image, init, "image_tower")
     return {"image_tower": image, "table_tower": table,
             "logit_scale": jnp.asarray(self.logit_scale_init, jnp.float32)}
 
@@ -280,8 +209,9 @@ class CLIPObjective(Objective):
     if train and self.augment:
       images = random_resized_crop(images, r_crop, images.shape[1], scale=self.crop_scale)
     img = self.image_tower.apply({"params": params["image_tower"]}, images, method="pooled")
-    tokens = self.table_tower.apply({"params": params["table_tower"]}, batch["events"], batch["event_mask"],
-                                    deterministic=not train, rngs={"dropout": r_drop} if train else {})
+    tokens = self.table_tower.apply({"params": params["table_tower"]}, batch["events"],
+                                    batch["event_mask"], deterministic=not train,
+                                    rngs={"dropout": r_drop} if train else {})
     return img, pool_tokens(tokens, batch["event_mask"], self.pool)
 
   def loss(self, params, batch, rng, train: bool):

@@ -217,6 +217,18 @@ class DemographicsClassifierObjective(ImageClassifierObjective):
             "sex_accuracy": V.masked_mean(((out["sex"] > 0) == (y["sex"] > 0.5)).astype(jnp.float32), sex_ok),
             "race_accuracy": V.masked_mean((jnp.argmax(out["race"], -1) == y["race"]).astype(jnp.float32), race_ok)}
 
+  def check_data(self, data_dir: str, split: str, probe: int = 256) -> None:
+    """Refuses a dataset prepared without age/sex/race in the record meta (before they were
+    recorded), which would otherwise train on nothing but unknowns."""
+    from ehrxdiff_jax import pipeline
+    from ehrxdiff_jax.evaluate.demographics import has_demographics
+    src = pipeline.data_source(data_dir, split)
+    n = min(len(src), probe)
+    if not any(has_demographics(src[i]["meta"]) for i in range(n)):
+      from ehrxdiff_jax.errors import UserError
+      raise UserError(f"the {split!r} records of {data_dir} carry no age/sex/race (first {n} checked): "
+                      "re-run `ehrxdiff prepare` (it records them) to train the demographics classifier")
+
   def validation_report(self, trainer, state, batches):
     """Table 6's numbers on the validation split: age_r, sex_auroc, race_auroc."""
     pred, labels = demographics_predictions(trainer, state, batches, int(self.cfg.train.eval_batches))

@@ -105,10 +105,12 @@ class LDMObjective(Objective):
         lambda p, z: vae.apply({"params": p}, z, method=vae.decode), self.cfg,
         vae_encode_mean=lambda p, x: vae.apply({"params": p}, x, method=vae.encode).mean, sharding=sharding)
 
-  def sample_hook(self, trainer, host_batch: dict, every: int):
-    """A `fit` hook writing [I_prev | prediction (EMA UNet) | I_trg] rows to TensorBoard every `every` steps."""
+  def sample_hook(self, trainer, batches, every: int):
+    """A `fit` hook writing [I_prev | prediction (EMA UNet) | I_trg] rows of the first batch of `batches`
+    to TensorBoard every `every` steps."""
     from ehrxdiff_jax import parallel
     from ehrxdiff_jax import sample as sample_lib
+    host_batch = next(batches)
     n = next(iter(host_batch.values())).shape[0] * jax.process_count()
     generate = self.generate_fn(parallel.batch_sharding(trainer.mesh))
     batch = parallel.to_global({k: v for k, v in host_batch.items()
@@ -135,8 +137,9 @@ class LDMObjective(Objective):
     """`train.init_from` for the LDM: a CLIP run (its towers -> the conditioner), a VAE run (-> the frozen
     VAE), or a whole EHRXDiff checkpoint (an LDM run or `ehrxdiff convert` output: every part, and the
     EMA UNet where it has one)."""
-    from ehrxdiff_jax.train.checkpoint import abstract_params, resolve_step_dir, restore_run_params, saved_param_parts
-    from ehrxdiff_jax.train.clip import _replace_part, clip_init_state, put_params
+    from ehrxdiff_jax.train.checkpoint import resolve_step_dir, saved_param_parts
+    from ehrxdiff_jax.train.clip import clip_init_state
+    from ehrxdiff_jax.train.state import init_parts_from_run
     step_dir = resolve_step_dir(path)[1]   # one step for every read below
     have = saved_param_parts(step_dir)
     if {"image_tower", "table_tower"} & have:
@@ -149,15 +152,7 @@ class LDMObjective(Objective):
     if missing:
       raise ValueError(f"{path}: not a CLIP, VAE or EHRXDiff checkpoint (parts {sorted(have)}; "
                        f"missing {sorted(missing)})")
-    saved = restore_run_params(step_dir, expected={p: abstract_params(state.params[p]) for p in parts}, ema=True)
-    for part in parts:
-      state = _replace_part(state, part, lambda tree, p=part: put_params(tree, saved.params[p], p))
-    # The EMA copies (the UNet's) continue from the saved EMA where the checkpoint has one, not from the raw weights.
-    ema = dict(state.ema_params or {})
-    for part, tree in saved.ema_params.items():
-      if part in ema:
-        ema[part] = put_params(ema[part], tree, f"ema_params/{part}")
-    return state.replace(ema_params=ema)
+    return init_parts_from_run(state, step_dir, parts)
 
 
 def make_objective(cfg) -> LDMObjective:

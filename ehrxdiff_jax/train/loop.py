@@ -43,13 +43,34 @@ _norm = optax.tree.norm if hasattr(optax, "tree") and hasattr(optax.tree, "norm"
 
 
 class NonFiniteLoss(RuntimeError):
-  """The loss (or gradient norm) became NaN or infinite; `.step` is the step that produced it."""
+  """The loss or gradient norm of step `.step`, or the state to be saved at `.step`, holds NaN or inf.
 
-  def __init__(self, step: int, loss: float, grad_norm: float):
-    super().__init__(f"non-finite loss at step {step} (loss={loss}, grad_norm={grad_norm}); stopping. "
-                     "The last good checkpoint is kept; lower the learning rate, enable train.grad_clip "
-                     "or check the data before resuming.")
-    self.step = step
+  `fit` fills in what happened to the checkpoints (`.removed`, `.kept` in `.directory`) before it raises."""
+
+  def __init__(self, step: int, what: str, detail: str):
+    super().__init__(step, what, detail)
+    self.step, self.what, self.detail = step, what, detail
+    self.removed: int | None = None
+    self.kept: int | None = None
+    self.directory: str | None = None
+
+  def __str__(self):
+    text = f"non-finite {self.what} at step {self.step} ({self.detail}); stopped."
+    if self.removed is not None:
+      text += f" Removed checkpoint {self.removed}: it holds the state that step {self.step} started from."
+    if self.directory is not None:
+      text += (f" The last good checkpoint is step {self.kept} in {self.directory}." if self.kept is not None else
+               f" No good checkpoint is left in {self.directory}: the next run starts from step 0.")
+    return text + (" Lower train.learning_rate, enable train.grad_clip or check the data, then run again with the "
+                   "same --workdir (with --force if the config changes).")
+
+
+def _finite_parts(state: TrainState) -> dict:
+  """{part: every value finite} for the floating-point leaves of params, opt_state and ema_params."""
+  def finite(tree):
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+  return {part: finite(getattr(state, part)) for part in ("params", "opt_state", "ema_params")}
 
 
 # ------------------------------------------------------------------ device peak FLOP/s (dense, per chip)
@@ -166,9 +187,12 @@ class Trainer:
     self._abstract = nn.unbox(abstract_boxed)
     self.batch_sharding = parallel.batch_sharding(mesh)
     self.replicated = parallel.replicated(mesh)
-    self._step = jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
+    self._step = jax.jit(parallel.under_rules(self._train_step, self.rules),
+                         in_shardings=(self.state_shardings, self.batch_sharding),
                          out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,))
-    self._eval = jax.jit(self._eval_step, in_shardings=(self.state_shardings, self.batch_sharding, None),
+    self._finite = jax.jit(_finite_parts, in_shardings=(self.state_shardings,), out_shardings=self.replicated)
+    self._eval = jax.jit(parallel.under_rules(self._eval_step, self.rules),
+                         in_shardings=(self.state_shardings, self.batch_sharding, None),
                          out_shardings=self.replicated)
     self.batch_keys = tuple(sorted(parallel.device_batch(objective.dummy_batch(1))))
     self._compiled = None
@@ -291,6 +315,12 @@ class Trainer:
     """One optimisation step on a global batch (dict of jax.Arrays sharded over the batch axes)."""
     with jax.set_mesh(self.mesh):
       return self.compile()(state, batch)
+
+  def non_finite_parts(self, state: TrainState) -> list[str]:
+    """The parts of the state (params, opt_state, ema_params) that hold a NaN or an inf."""
+    with jax.set_mesh(self.mesh):
+      finite = jax.device_get(self._finite(state))
+    return [part for part, ok in finite.items() if not ok]
 
   def eval_step(self, state: TrainState, batch: dict, rng: jax.Array) -> dict:
     with jax.set_mesh(self.mesh):
@@ -427,7 +457,8 @@ def fit(trainer: Trainer, state: TrainState, train_iter: Iterator[dict], *, num_
   `train_iter` yields this process's rows of each global batch; its state is saved with each checkpoint.
   `eval_iter_fn()` returns a fresh iterator over the validation split. `hooks`: callables
   `hook(step, state, writer)` run on every process after each step (e.g. sample grids; `writer` is the
-  MetricWriter, which writes on process 0 only). Raises NonFiniteLoss.
+  MetricWriter, which writes on process 0 only). Raises NonFiniteLoss (see the module docstring for the
+  checkpoint it keeps).
   Returns the final state (after waiting for pending checkpoint writes).
   """
   cfg = trainer.cfg
@@ -458,7 +489,7 @@ def fit(trainer: Trainer, state: TrainState, train_iter: Iterator[dict], *, num_
     s, m = item
     m = {k: float(v) for k, v in jax.device_get(m).items()}
     if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
-      raise NonFiniteLoss(s, m["loss"], m["grad_norm"])
+      raise NonFiniteLoss(s, "loss", f"loss={m['loss']}, grad_norm={m['grad_norm']}")
     return m
 
   def flush():
@@ -472,6 +503,9 @@ def fit(trainer: Trainer, state: TrainState, train_iter: Iterator[dict], *, num_
   def save(s):
     if checkpointer is not None and last_saved[0] != s:
       flush()  # never checkpoint a state whose loss was not checked
+      bad = trainer.non_finite_parts(state)
+      if bad:
+        raise NonFiniteLoss(s, "values in the state to be saved", ", ".join(bad))
       checkpointer.save(s, state, train_iter, meta=dict(meta, step=s))
       last_saved[0] = s
 
@@ -532,6 +566,14 @@ def fit(trainer: Trainer, state: TrainState, train_iter: Iterator[dict], *, num_
       if ckpt_every > 0 and (step % ckpt_every == 0 or step == num_steps):
         save(step)
     flush()
+  except NonFiniteLoss as e:
+    if checkpointer is not None:
+      checkpointer.wait()
+      if last_saved[0] == e.step - 1:
+        checkpointer.delete(e.step - 1)
+        e.removed = e.step - 1
+      e.kept, e.directory = checkpointer.latest_step(), checkpointer.directory
+    raise
   finally:
     if stop is not None:
       stop.uninstall()

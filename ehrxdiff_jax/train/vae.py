@@ -51,7 +51,7 @@ from ehrxdiff_jax import batch_format, models
 from ehrxdiff_jax.nn.discriminator import NLayerDiscriminator, dcgan_init, generator_loss, hinge_d_loss
 from ehrxdiff_jax.nn.lpips import LPIPS, lpips_params
 from ehrxdiff_jax.nn.vae import Decoder
-from ehrxdiff_jax.train.clip import replace_in_boxed
+from ehrxdiff_jax.train.state import put_params, replace_in_boxed, replace_part
 from ehrxdiff_jax.train.objective import Objective
 
 log = logging.getLogger(__name__)
@@ -290,6 +290,5 @@ def vae_init_state(state, path: str, part: str = "vae"):
   file; see load_vae_params), which must hold every parameter of the model with its shape: the LDM's
   `train.vae_from` and the VAE objective's `train.init_from`."""
   from ehrxdiff_jax.train.checkpoint import abstract_params
-  from ehrxdiff_jax.train.clip import _replace_part, put_params
   weights = load_vae_params(path, expected=abstract_params(state.params[part]))
-  return _replace_part(state, part, lambda tree: put_params(tree, weights, part))
+  return replace_part(state, part, lambda tree: put_params(tree, weights, part))
