@@ -54,8 +54,9 @@ def build_conditioner(cfg):
   from ehrxdiff_jax.nn.conditioner import Conditioner
   h, _, c = latent_shape(cfg)
   k = cfg.model.conditioner
-  # Only the conditioner's table tower follows the reference sampler at inference (nn/table.py); CLIP and the
-  # table classifier keep the training behaviour. Saved configs older than the field get the default.
+  # Only the conditioner's table tower follows the reference sampler at inference (nn/table.py);
+  # CLIP and the table classifier keep the training behaviour. Saved configs older than the field
+  # get the default.
   table_tower = build_table_tower(cfg).clone(
       padded_slots_at_inference=k.get("padded_slots_at_inference", "zero"))
   return Conditioner(image_tower=build_image_tower(cfg), table_tower=table_tower,

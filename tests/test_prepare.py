@@ -374,8 +374,22 @@ def _edit_lines(path, edit):
 
 def prepare_cli(iv, cxr, out, *extra) -> int:
   from ehrxdiff_jax import cli
-  return cli.main(["prepare", "--mimic-iv", iv, "--mimic-cxr", cxr, "--out", out, "--image-size", "32",
-                   "--event-dim", "16", "--workers", "1", *extra])
+  imagenome = os.path.join(os.path.dirname(cxr), "chest-imagenome")   # as make_db writes it
+  return cli.main(["prepare", "--mimic-iv", iv, "--mimic-cxr", cxr, "--chest-imagenome", imagenome,
+                   "--out", out, "--image-size", "32", "--event-dim", "16", "--workers", "1", *extra])
+
+
+def test_imagenome_labels_need_their_release(db, tmp_path, capsys):
+  from ehrxdiff_jax import cli
+  iv, cxr = db
+  base = ["prepare", "--mimic-iv", iv, "--mimic-cxr", cxr, "--out", str(tmp_path / "ds")]
+  assert cli.main(base) == 2
+  assert capsys.readouterr().err.startswith("error: the 'imagenome' labels need the Chest ImaGenome 1.0.0 "
+                                            "release: pass --chest-imagenome DIR")
+  assert cli.main(base + ["--chest-imagenome", str(tmp_path / "nowhere")]) == 2   # before any streaming
+  err = capsys.readouterr().err
+  assert err.startswith("error: missing input file: ") and "gold_attributes_relations_500pts" in err
+  assert not os.path.exists(tmp_path / "ds")
 
 
 def test_every_dropped_row_is_counted(tmp_path, capsys):
