@@ -82,7 +82,7 @@ def test_gpu_sh_on_cpu_keeps_going_after_a_failure(tmp_path):
   runs = result["runs"]
   assert sorted(runs) == ["0-sample-no_such_config", "0-train-no_such_config", "1-sample-tiny", "1-train-tiny"]
   for name in ("0-train-no_such_config", "0-sample-no_such_config"):
-    assert runs[name]["error"] == "exit status 1" and any("no_such_config" in l for l in runs[name]["log_tail"])
+    assert runs[name]["error"] == "exit status 2" and any("no_such_config" in l for l in runs[name]["log_tail"])
   train, sample = runs["1-train-tiny"], runs["1-sample-tiny"]
   assert train["benchmark"] == "train" and train["global_batch"] == 2 and train["steps"] == 2
   positive(train, "samples_per_s", "step_time_median_s", "compile_time_s", "flops_per_step_per_device")
