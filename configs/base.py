@@ -52,6 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
       in_channels=3, out_channels=3, model_channels=224, channel_mult=(1, 2, 4, 4),
       num_res_blocks=2, attention_levels=(1, 2, 3),  # downsample factors 2, 4, 8
       num_heads=8, transformer_depth=1, context_dim=768, norm_groups=32,
+      adm_in_channels=0,  # > 0: a vector added to the time embedding (conditioner.pooled_events)
   ))
   m.image_tower = ml_collections.ConfigDict(dict(
       image_size=256, patch_size=32, width=768, layers=12, heads=12, mlp_dim=3072,
@@ -61,6 +62,7 @@ def get_config() -> ml_collections.ConfigDict:
       # torch's TransformerEncoderLayer also drops attention probabilities at `dropout`; a separate knob
       # because that site forces the non-fused attention path (nn/table.py): 0 keeps cuDNN attention.
       attention_dropout=0.1,
+      input_scale=1.0,  # events are multiplied by this first (unit-norm embeddings are tiny per entry)
   ))
   m.conditioner = ml_collections.ConfigDict(dict(
       # Which condition streams enter the cross-attention context (paper Table 4 ablation rows):
@@ -75,12 +77,21 @@ def get_config() -> ml_collections.ConfigDict:
       # the reference's sampler (torch's eval-mode TransformerEncoder under no_grad zeroes them before fc;
       # the published checkpoints' outputs), 'train' as in training. Training itself never changes.
       padded_slots_at_inference="zero",
+      # Not in the reference: the masked mean of the table tokens as one extra context token that the
+      # UNet adds to its time embedding (needs unet.adm_in_channels = context_dim; nn/conditioner.py).
+      pooled_events=False,
   ))
 
   # ---------------------------------------------------------------- diffusion
   c.diffusion = ml_collections.ConfigDict(dict(
       num_timesteps=1000, beta_schedule="linear", linear_start=0.0015, linear_end=0.0295,
-      scale_factor=0.18215, prediction="epsilon",
+      scale_factor=0.18215,
+      # Departures from the paper, each off by default (ehrxdiff_jax/diffusion.py):
+      prediction="epsilon",             # epsilon | v
+      rescale_zero_terminal_snr=False,  # alpha_bar[T-1] = 0 (needs prediction='v')
+      loss_weighting="uniform",         # uniform | min_snr
+      min_snr_gamma=5.0,
+      loss_buckets=10,                  # log loss_t{k} for K equal t buckets (0: none); no effect on training
   ))
 
   # ---------------------------------------------------------------- data
@@ -116,6 +127,7 @@ def get_config() -> ml_collections.ConfigDict:
   t.grad_clip = 0.0              # 0 = no clipping (reference)
   t.ema_decay = 0.9999
   t.cond_dropout = 0.0           # probability of dropping the conditions (classifier-free guidance); 0 = reference
+  t.event_dropout = 0.0          # probability of removing every event of a sample (guidance_null='no_events'); 0 = reference
   t.log_every = 50
   t.eval_every = 2000
   t.eval_batches = 8
@@ -128,6 +140,8 @@ def get_config() -> ml_collections.ConfigDict:
   # ---------------------------------------------------------------- sampling
   c.sample = ml_collections.ConfigDict(dict(
       sampler="ddim", steps=100, eta=1.0, guidance_scale=1.0, batch_size=16, use_ema=True,
+      timestep_spacing="leading",  # leading (LDM) | trailing (starts at t = T-1; ddim and ddpm)
+      guidance_null="zeros",       # the unconditional branch: zeros (cond_dropout) | no_events (event_dropout)
   ))
 
   # ---------------------------------------------------------------- mesh

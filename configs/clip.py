@@ -2,7 +2,8 @@
 
     ehrxdiff train --config configs/clip.py --data DIR --workdir runs/clip \
         [--config.train.clip_vision_init=clip-vit-base-patch32.safetensors]
-    ehrxdiff train --config configs/clip.py:tiny --data DIR --workdir runs/clip_tiny     # CPU demo / tests
+    ehrxdiff train --config configs/clip.py:tiny --data DIR --workdir runs/clip_tiny     # CPU tests
+    ehrxdiff train --config configs/clip.py:demo ...     # the towers of configs/demo.py (`ehrxdiff demo`)
 
 Then initialise the diffusion model's conditioner from it: `--config.train.init_from=runs/clip`.
 
@@ -24,14 +25,17 @@ CLIP options (train.clip_*):
 """
 import math
 
-from configs import base, tiny
+from configs import base, demo, tiny
+
+BASES = {None: base.get_config, "": base.get_config, "tiny": tiny.get_config, "demo": demo.get_config}
 
 
 def get_config(arg: str | None = None):
-  if arg not in (None, "", "tiny"):
-    raise ValueError(f"unknown clip config variant {arg!r}; expected 'tiny' or nothing")
-  c = tiny.get_config() if arg == "tiny" else base.get_config()
-  c.name = "clip_tiny" if arg == "tiny" else "clip"
+  if arg not in BASES:
+    raise ValueError(f"unknown clip config variant {arg!r}; expected 'tiny', 'demo' or nothing")
+  c = BASES[arg]()
+  c.name = f"clip_{arg}" if arg else "clip"
+  c.data.cached_latents = False  # CLIP reads the images
   t = c.train
   t.objective = "clip"
   t.learning_rate = 5e-4
@@ -54,6 +58,15 @@ def get_config(arg: str | None = None):
     t.log_every = 10
     t.eval_every = 50
     t.ckpt_every = 50
+  elif arg == "demo":   # one cosine decay over 150 steps: lr 1e-3 at batch 16 stayed at chance
+    t.batch_size = 32
+    t.num_steps = 150
+    t.learning_rate = 3e-4
+    t.schedule = "cosine"
+    t.warmup_steps = 15
+    t.log_every = 25
+    t.eval_every = 75
+    t.ckpt_every = 75
   else:
     t.batch_size = 1024
     t.num_steps = 10_000

@@ -6,6 +6,7 @@
     ehrxdiff train --config configs/table_classifier.py:prev_label ...      # "w/ previous label"
     ehrxdiff train --config configs/table_classifier.py:tiny ...            # CPU demo / tests
     ehrxdiff train --config configs/table_classifier.py:tiny_prev_label ...
+    ehrxdiff train --config configs/table_classifier.py:demo[_prev_label] ...  # configs/demo.py's tower
 
 Options (train.*):
   init_from                 a CLIP workdir (its table-tower layers initialise the encoder; '' = random)
@@ -16,17 +17,17 @@ Options (train.*):
                             slots, padding included, / valid count)
 Metrics: per-label and weighted-macro AUROC in All / Same / Diff (train/classifier.evaluate_auroc).
 """
-from configs import base, tiny
+from configs import base, demo, tiny
 
-VARIANTS = ("", "prev_label", "tiny", "tiny_prev_label")
+VARIANTS = ("", "prev_label", "tiny", "tiny_prev_label", "demo", "demo_prev_label")
 
 
 def get_config(arg: str | None = None):
   arg = arg or ""
   if arg not in VARIANTS:
     raise ValueError(f"unknown table_classifier variant {arg!r}; expected one of {VARIANTS}")
-  small = arg.startswith("tiny")
-  c = tiny.get_config() if small else base.get_config()
+  small = arg.startswith(("tiny", "demo"))
+  c = demo.get_config() if arg.startswith("demo") else tiny.get_config() if small else base.get_config()
   c.name = "table_classifier" + (f"_{arg}" if arg else "")
   t = c.train
   t.objective = "table_classifier"
@@ -45,6 +46,12 @@ def get_config(arg: str | None = None):
     t.log_every = 10
     t.eval_every = 50
     t.ckpt_every = 50
+    if arg.startswith("demo"):
+      c.data.cached_latents = False  # events only
+      t.num_steps = 300
+      t.log_every = 25
+      t.eval_every = 150
+      t.ckpt_every = 150
   else:
     t.batch_size = 128
     t.num_steps = 20_000

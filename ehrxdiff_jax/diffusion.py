@@ -1,7 +1,12 @@
 """Diffusion math: the LDM noise schedule, the forward process and the per-step reverse updates.
 
 Conventions (shared by the trainer, the sampler and the tests):
-- Discrete time t in {0, ..., T-1} (T = `c.diffusion.num_timesteps`, 1000), epsilon prediction.
+- Discrete time t in {0, ..., T-1} (T = `c.diffusion.num_timesteps`, 1000). The UNet predicts
+  `c.diffusion.prediction`: 'epsilon' (the paper) or 'v' (v = sqrt(a) eps - sqrt(1-a) x0, Salimans &
+  Ho 2022); `model_output_to_eps_x0` turns either into the (eps, x0) pair every step function uses.
+- `c.diffusion.rescale_zero_terminal_snr` (Lin et al. 2024, diffusers' `rescale_betas_zero_snr`)
+  rescales the schedule so that alpha_bar[T-1] = 0: training then sees pure noise at the last step, the
+  state sampling starts from. It needs v prediction (eps carries no information at SNR 0).
 - `Schedule` holds float32 tables; the betas are computed in float64 with numpy (as the LDM code does)
   and cast once.
 - A sampling trajectory is a descending array of timesteps (`timesteps`); step i goes from
@@ -100,13 +105,75 @@ class Schedule:
       )
 
 
+def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+  """Lin et al. 2024 (Algorithm 1; diffusers `rescale_zero_terminal_snr`): shift and scale
+  sqrt(alpha_bar) so that its last value is 0 and its first is unchanged. float64 in and out."""
+  abar_sqrt = np.sqrt(np.cumprod(1.0 - np.asarray(betas, np.float64)))
+  first, last = abar_sqrt[0], abar_sqrt[-1]
+  abar_sqrt = (abar_sqrt - last) * first / (first - last)
+  abar = abar_sqrt ** 2
+  alphas = np.concatenate([abar[:1], abar[1:] / abar[:-1]])
+  return 1.0 - alphas
+
+
+PREDICTIONS = ("epsilon", "v")
+
+
+def prediction_type(diffusion_config) -> str:
+  """`c.diffusion.prediction` checked: 'epsilon' (alias 'eps') or 'v'."""
+  p = str(diffusion_config.get("prediction", "epsilon"))
+  p = "epsilon" if p == "eps" else p
+  if p not in PREDICTIONS:
+    raise ValueError(f"diffusion.prediction={p!r}; expected one of {PREDICTIONS}")
+  return p
+
+
 def make_schedule(diffusion_config) -> Schedule:
-  """`Schedule` from `c.diffusion` (num_timesteps, beta_schedule, linear_start, linear_end)."""
+  """`Schedule` from `c.diffusion` (num_timesteps, beta_schedule, linear_start, linear_end,
+  rescale_zero_terminal_snr)."""
   d = diffusion_config
-  if str(d.get("prediction", "epsilon")) not in ("epsilon", "eps"):
-    raise NotImplementedError(f"only epsilon prediction is implemented, got {d.prediction!r}")
   betas = make_betas(d.beta_schedule, d.num_timesteps, d.linear_start, d.linear_end)
+  if d.get("rescale_zero_terminal_snr", False):
+    if prediction_type(d) != "v":
+      raise ValueError("diffusion.rescale_zero_terminal_snr needs diffusion.prediction='v' "
+                       "(at SNR 0 an epsilon prediction cannot give x0)")
+    betas = rescale_zero_terminal_snr(betas)
   return Schedule.from_betas(betas)
+
+
+def training_target(schedule: Schedule, x0, t, eps, prediction: str):
+  """What the UNet is trained to output at (x0, t, eps): eps, or v = sqrt(a) eps - sqrt(1-a) x0."""
+  if prediction == "epsilon":
+    return eps
+  a = _bcast(schedule.sqrt_alphas_cumprod[t], x0)
+  s = _bcast(schedule.sqrt_one_minus_alphas_cumprod[t], x0)
+  return a * eps - s * x0
+
+
+def model_output_to_eps_x0(schedule: Schedule, x_t, t, out, prediction: str):
+  """(eps, x0) implied by the UNet's output at x_t; t scalar or [B] int."""
+  if prediction == "epsilon":
+    return out, predict_x0(schedule, x_t, t, out)
+  a = _bcast(schedule.sqrt_alphas_cumprod[t], x_t)
+  s = _bcast(schedule.sqrt_one_minus_alphas_cumprod[t], x_t)
+  return s * x_t + a * out, a * x_t - s * out
+
+
+LOSS_WEIGHTINGS = ("uniform", "min_snr")
+
+
+def loss_weights(schedule: Schedule, t, weighting: str, prediction: str, gamma: float = 5.0):
+  """Per-sample weights [B] of the squared error. 'uniform' (the paper): 1. 'min_snr' (Hang et al.
+  2023): min(SNR, gamma) / SNR for epsilon, min(SNR, gamma) / (SNR + 1) for v, the x0-space weight
+  min(SNR, gamma) expressed in the parameterisation's units (SNR = a / (1 - a))."""
+  if weighting == "uniform":
+    return jnp.ones(jnp.shape(t), jnp.float32)
+  if weighting != "min_snr":
+    raise ValueError(f"diffusion.loss_weighting={weighting!r}; expected one of {LOSS_WEIGHTINGS}")
+  a = schedule.alphas_cumprod[t]
+  snr = a / jnp.maximum(1.0 - a, 1e-12)
+  clipped = jnp.minimum(snr, gamma)
+  return clipped / (snr + 1.0) if prediction == "v" else clipped / jnp.maximum(snr, 1e-12)
 
 
 def _bcast(v, x):
@@ -134,11 +201,18 @@ def guidance(eps_uncond, eps_cond, scale):
 
 
 # ---------------------------------------------------------------------------------------- timesteps
-def timesteps(sampler: str, num_steps: int, num_train_timesteps: int = 1000) -> np.ndarray:
+SPACINGS = ("leading", "trailing")
+
+
+def timesteps(sampler: str, num_steps: int, num_train_timesteps: int = 1000,
+              spacing: str = "leading") -> np.ndarray:
   """The descending int32 timesteps a sampler visits.
 
   ddim: 'leading' spacing + offset 1 (LDM 'uniform'): 100 of 1000 -> 991, 981, ..., 1.
   ddpm: 'leading' spacing, no offset: 1000 of 1000 -> 999, ..., 0 (the LDM ancestral loop).
+  spacing='trailing' (ddim and ddpm; diffusers' 'trailing', Lin et al. 2024): round(arange(T, 0,
+    -T/S)) - 1, so the first step is t = T-1 (where a zero-terminal-SNR schedule has pure noise):
+    20 of 1000 -> 999, 949, ..., 49.
   dpmpp_2m: 'linspace' spacing (diffusers' default for DPM-Solver): linspace(0, T-1, S+1) rounded,
     reversed, the last (0) dropped.
   """
@@ -146,7 +220,11 @@ def timesteps(sampler: str, num_steps: int, num_train_timesteps: int = 1000) -> 
   n, s = int(num_train_timesteps), int(num_steps)
   if not 1 <= s <= n:
     raise ValueError(f"num_steps must be in [1, {n}], got {s}")
-  if sampler == "ddim":
+  if spacing not in SPACINGS:
+    raise ValueError(f"timestep spacing {spacing!r}; expected one of {SPACINGS}")
+  if spacing == "trailing" and sampler != "dpmpp_2m":
+    ts = np.round(np.arange(n, 0, -n / s)).astype(np.int64) - 1
+  elif sampler == "ddim":
     ts = (np.arange(s, dtype=np.int64) * (n // s))[::-1] + 1
     if ts[0] > n - 1:
       raise ValueError(f"ddim with {s} of {n} steps reaches t = {ts[0]} > {n - 1}; use fewer steps")
@@ -184,9 +262,11 @@ def _acp(schedule: Schedule, t, final):
   return jnp.where(t >= 0, acp[jnp.maximum(t, 0)], jnp.asarray(final, acp.dtype))
 
 
-def ddim_step(schedule: Schedule, x, eps, t, t_next, *, eta=0.0, noise=None, final_alpha_cumprod=None):
+def ddim_step(schedule: Schedule, x, eps, t, t_next, *, eta=0.0, noise=None, final_alpha_cumprod=None,
+              x0=None):
   """One DDIM update x_t -> x_{t_next} (eta 0: deterministic; 1: DDPM-like). Returns (x_next, x0).
 
+  x0: the model's x0 (from `model_output_to_eps_x0`); default: implied by eps (inf at alpha_bar 0).
   `noise` (same shape as x) is the standard normal draw scaled by sigma_t; pass None for eta == 0.
   `final_alpha_cumprod` is alpha_bar used when t_next < 0 (default alpha_bar[0], as LDM).
   """
@@ -195,7 +275,8 @@ def ddim_step(schedule: Schedule, x, eps, t, t_next, *, eta=0.0, noise=None, fin
   a_t = schedule.alphas_cumprod[t]
   a_prev = _acp(schedule, t_next, final_alpha_cumprod)
   b_t = 1 - a_t
-  x0 = (x - b_t ** 0.5 * eps) / a_t ** 0.5
+  if x0 is None:
+    x0 = (x - b_t ** 0.5 * eps) / a_t ** 0.5
   variance = ((1 - a_prev) / b_t) * (1 - a_t / a_prev)
   std = eta * variance ** 0.5
   direction = (1 - a_prev - std ** 2) ** 0.5 * eps
@@ -205,7 +286,7 @@ def ddim_step(schedule: Schedule, x, eps, t, t_next, *, eta=0.0, noise=None, fin
   return x_next, x0
 
 
-def ddpm_step(schedule: Schedule, x, eps, t, t_next, *, noise=None):
+def ddpm_step(schedule: Schedule, x, eps, t, t_next, *, noise=None, x0=None):
   """One ancestral DDPM update (posterior q(x_{t_next} | x_t, x0), 'fixed_small' variance, no
   clipping); works for strided trajectories too. No noise is added from t = 0. Returns (x_next, x0)."""
   a_t = schedule.alphas_cumprod[t]
@@ -214,7 +295,8 @@ def ddpm_step(schedule: Schedule, x, eps, t, t_next, *, noise=None):
   b_prev = 1 - a_prev
   cur_alpha = a_t / a_prev
   cur_beta = 1 - cur_alpha
-  x0 = (x - b_t ** 0.5 * eps) / a_t ** 0.5
+  if x0 is None:
+    x0 = (x - b_t ** 0.5 * eps) / a_t ** 0.5
   c_x0 = (a_prev ** 0.5 * cur_beta) / b_t
   c_xt = cur_alpha ** 0.5 * b_prev / b_t
   x_next = c_x0 * x0 + c_xt * x

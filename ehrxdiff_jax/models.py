@@ -62,7 +62,31 @@ def build_conditioner(cfg):
   return Conditioner(image_tower=build_image_tower(cfg), table_tower=table_tower,
                      cross_attention=tuple(k.cross_attention), max_events=k.max_events,
                      context_tokens=k.context_tokens, context_dim=k.context_dim,
-                     latent_channels=c, latent_size=h, dtype=compute_dtype(cfg.model.dtype))
+                     latent_channels=c, latent_size=h, pooled_events=bool(k.get("pooled_events", False)),
+                     dtype=compute_dtype(cfg.model.dtype))
+
+
+def split_context(context, cfg):
+  """(cross-attention tokens, the UNet's y) of a conditioner output: with
+  `model.conditioner.pooled_events` the last token is the pooled events vector (nn/conditioner.py)."""
+  if context is None or not cfg.model.conditioner.get("pooled_events", False):
+    return context, None
+  adm = int(cfg.model.unet.get("adm_in_channels", 0))
+  if adm != int(cfg.model.conditioner.context_dim):
+    raise ValueError(f"model.conditioner.pooled_events needs model.unet.adm_in_channels = "
+                     f"conditioner.context_dim ({cfg.model.conditioner.context_dim}), got {adm}")
+  return context[:, :-1], context[:, -1]
+
+
+def make_unet_apply(cfg, unet=None):
+  """`unet_apply(unet_params, x, t, context) -> output`: the UNet of `cfg` on a conditioner output
+  (split by `split_context`), the one form the trainer, the sampler and the benchmarks call."""
+  unet = build_unet(cfg) if unet is None else unet
+
+  def unet_apply(params, x, t, context):
+    tokens, y = split_context(context, cfg)
+    return unet.apply({"params": params}, x, t, tokens, y)
+  return unet_apply
 
 
 def dummy_batch(cfg, batch_size: int = 1) -> dict:
@@ -101,7 +125,8 @@ def init_ldm(cfg, rng, batch_size: int = 1) -> dict:
   context = jax.eval_shape(lambda: cond.apply(cond_vars, *cond_inputs))
   context = None if context is None else jnp.zeros(context.shape, context.dtype)
   z = unet_input(jnp.zeros((batch_size, h, w, c)), prev_mean, cfg)
-  unet_vars = unet.init(r_unet, z, jnp.zeros((batch_size,), jnp.int32), context)
+  tokens, y = split_context(context, cfg)
+  unet_vars = unet.init(r_unet, z, jnp.zeros((batch_size,), jnp.int32), tokens, y)
   # A conditioner with no cross-attention stream (the 'VAE concat only' ablation) has no parameters.
   return {"unet": unet_vars["params"], "conditioner": cond_vars.get("params", {}),
           "vae": vae_vars["params"]}

@@ -8,9 +8,10 @@ drawn per sample under `vmap`, so a sample's result does not depend on the batch
 the batch, or on how many devices the batch is sharded over. `per_sample_keys(seed, ids)` derives the
 keys from a seed and stable sample ids (e.g. the sample key strings), which is what the CLI uses.
 
-Denoiser contract for `sample_latents`: `denoise_fn(z_t [B,h,w,c] f32, t [B] int32) -> eps`; with
-`guidance_scale != 1` it is called as `denoise_fn(z_t, t, cond)` with the Python bool `cond` (True:
-conditional, False: unconditional) and eps = eps_u + s (eps_c - eps_u).
+Denoiser contract for `sample_latents`: `denoise_fn(z_t [B,h,w,c] f32, t [B] int32) -> out`, the UNet
+output in the `prediction` parameterisation ('epsilon' or 'v', diffusion.py); with `guidance_scale != 1`
+it is called as `denoise_fn(z_t, t, cond)` with the Python bool `cond` (True: conditional, False:
+unconditional) and out = out_u + s (out_c - out_u) (linear in the output, so the same in eps and v).
 """
 from __future__ import annotations
 
@@ -56,12 +57,14 @@ def _constrain(x, sharding):
 
 def sample_latents(denoise_fn: Callable, shape: Sequence[int], keys: jax.Array, *, schedule: dfn.Schedule,
                    sampler: str = "ddim", steps: int = 100, eta: float = 1.0, guidance_scale: float = 1.0,
-                   x_T: jax.Array | None = None, sharding=None, return_intermediates: bool = False):
+                   x_T: jax.Array | None = None, sharding=None, return_intermediates: bool = False,
+                   prediction: str = "epsilon", spacing: str = "leading"):
   """Runs the whole reverse trajectory in one `lax.scan`; traceable (call it under `jax.jit`).
 
   shape: the latent shape of one sample (h, w, c) (a leading batch dim equal to len(keys) is accepted).
   keys: [B] PRNG keys, one per sample (see the module docstring for how they are used).
-  sampler / steps / eta / guidance_scale: static Python values. eta is used by 'ddim' only.
+  sampler / steps / eta / guidance_scale / prediction / spacing: static Python values. eta is used by
+    'ddim' only; spacing ('leading' | 'trailing') by 'ddim' and 'ddpm' (diffusion.timesteps).
   x_T: optional starting latents [B, h, w, c] (default: drawn from the keys).
   sharding: optional `NamedSharding` whose spec names the batch axis (e.g. P('data')); latents are
     constrained to it at every step.
@@ -75,7 +78,7 @@ def sample_latents(denoise_fn: Callable, shape: Sequence[int], keys: jax.Array, 
     if shape[0] != batch:
       raise ValueError(f"shape {shape} does not match {batch} keys")
     shape = shape[1:]
-  ts = dfn.timesteps(sampler, steps, schedule.num_timesteps)
+  ts = dfn.timesteps(sampler, steps, schedule.num_timesteps, spacing)
   ts_next = dfn.next_timesteps(ts)
   ts_last = np.concatenate([ts[:1], ts[:-1]]).astype(np.int32)
   orders = dfn.dpm_orders(len(ts)) if sampler == "dpmpp_2m" else np.ones(len(ts), np.int32)
@@ -86,23 +89,27 @@ def sample_latents(denoise_fn: Callable, shape: Sequence[int], keys: jax.Array, 
     x_T = step_noise(keys, 0, shape)
   x = _constrain(jnp.asarray(x_T, jnp.float32), sharding)
 
-  def model_eps(z, t):
+  def model_eps_x0(z, t):
     tb = jnp.full((batch,), t, jnp.int32)
     if not guided:
-      return denoise_fn(z, tb).astype(jnp.float32)
-    eps_c = denoise_fn(z, tb, True).astype(jnp.float32)
-    eps_u = denoise_fn(z, tb, False).astype(jnp.float32)
-    return dfn.guidance(eps_u, eps_c, jnp.float32(guidance_scale))
+      out = denoise_fn(z, tb).astype(jnp.float32)
+    else:
+      out_c = denoise_fn(z, tb, True).astype(jnp.float32)
+      out_u = denoise_fn(z, tb, False).astype(jnp.float32)
+      out = dfn.guidance(out_u, out_c, jnp.float32(guidance_scale))
+    return dfn.model_output_to_eps_x0(schedule, z, t, out, prediction)
 
   def body(carry, step):
     z, x0_prev = carry
     j, t, t_next, t_last, order = step
-    eps = model_eps(z, t)
+    eps, x0_model = model_eps_x0(z, t)
+    # With v prediction the model's x0 is used directly (an x0 implied by eps is infinite at SNR 0).
+    x0_arg = x0_model if prediction == "v" else None
     noise = _constrain(step_noise(keys, j + 1, shape), sharding) if stochastic else None
     if sampler == "ddim":
-      z_next, x0 = dfn.ddim_step(schedule, z, eps, t, t_next, eta=float(eta), noise=noise)
+      z_next, x0 = dfn.ddim_step(schedule, z, eps, t, t_next, eta=float(eta), noise=noise, x0=x0_arg)
     elif sampler == "ddpm":
-      z_next, x0 = dfn.ddpm_step(schedule, z, eps, t, t_next, noise=noise)
+      z_next, x0 = dfn.ddpm_step(schedule, z, eps, t, t_next, noise=noise, x0=x0_arg)
     else:
       z_next, x0 = dfn.dpmpp_2m_step(schedule, z, eps, x0_prev, t, t_next, t_last, order)
     z_next = _constrain(z_next.astype(jnp.float32), sharding)
@@ -120,10 +127,20 @@ def sample_latents(denoise_fn: Callable, shape: Sequence[int], keys: jax.Array, 
 BATCH_KEYS = ("prev_image", "events", "event_mask", "prev_mean")
 
 
+def events_removed(events, event_mask, config):
+  """(events, event_mask) of the no-events condition the model was trained with: zero events, and a
+  mask all False (`train.event_dropout`) or, for a w_null model, all True (the reference's no-change
+  samples carry zero rows marked valid). numpy in -> numpy out (host batches), else jax."""
+  xp = np if isinstance(events, np.ndarray) else jnp
+  mask_value = bool(config.data.get("w_null", False))
+  return xp.zeros_like(events), xp.full(event_mask.shape, mask_value, dtype=bool)
+
+
 def make_generate_fn(unet_apply: Callable, conditioner_apply: Callable, vae_decode: Callable, config, *,
                      vae_encode_mean: Callable | None = None, sampler: str | None = None,
                      steps: int | None = None, eta: float | None = None, guidance_scale: float | None = None,
-                     null_context: str | Callable = "zeros", sharding=None, schedule: dfn.Schedule | None = None):
+                     null_context: str | Callable | None = None, sharding=None,
+                     schedule: dfn.Schedule | None = None):
   """Builds `generate(params, batch, keys) -> images [B, H, W, 3] float32 in [-1, 1]`.
 
   The callables (plain functions of explicit parameters; wrap Flax modules with `module.apply`):
@@ -140,8 +157,11 @@ def make_generate_fn(unet_apply: Callable, conditioner_apply: Callable, vae_deco
   One jitted program: conditioner (once) -> all denoising steps in a scan -> decode of z/scale_factor
   -> clamp. Sampler settings default to `config.sample`; `c.model.conditioner.vae_concat` feeds
   concat(z_t, prev_mean * scale_factor) to the UNet. With guidance_scale != 1 the unconditional
-  branch uses `null_context`: 'zeros' (an all-zero context) or a function context -> null context;
-  it must match how the trainer dropped conditions. `sharding` (a NamedSharding over the batch axis)
+  branch uses `null_context` (default `config.sample.guidance_null`): 'zeros' (an all-zero context,
+  the trainer's `train.cond_dropout`), 'no_events' (the conditioner on the same I_prev with every event
+  removed: the trainer's `train.event_dropout`, so guidance amplifies what the events change) or a
+  function context -> null context; it must match how the trainer dropped conditions.
+  `events_removed` gives the events-removed condition (`ehrxdiff sample --events none`). `sharding` (a NamedSharding over the batch axis)
   places the batch and constrains latents and images; parameters keep whatever sharding they have.
   """
   s = config.sample
@@ -152,12 +172,14 @@ def make_generate_fn(unet_apply: Callable, conditioner_apply: Callable, vae_deco
   schedule = schedule if schedule is not None else dfn.make_schedule(config.diffusion)
   scale_factor = float(config.diffusion.scale_factor)
   vae_concat = bool(config.model.conditioner.get("vae_concat", False))
-  if null_context == "zeros":
-    null_fn = jnp.zeros_like
-  elif callable(null_context):
-    null_fn = null_context
-  else:
-    raise ValueError(f"null_context must be 'zeros' or a callable, got {null_context!r}")
+  prediction = dfn.prediction_type(config.diffusion)
+  spacing = str(s.get("timestep_spacing", "leading"))
+  null_context = s.get("guidance_null", "zeros") if null_context is None else null_context
+  if not (callable(null_context) or null_context in ("zeros", "no_events")):
+    raise ValueError(f"null_context must be 'zeros', 'no_events' or a callable, got {null_context!r}")
+  if sampler == "dpmpp_2m" and float(schedule.alphas_cumprod[-1]) == 0.0:
+    raise ValueError("dpmpp_2m needs alpha_bar > 0 at every step; a zero-terminal-SNR schedule "
+                     "samples with ddim or ddpm")
   f = downsample_factor(config.model.vae.ch_mult)
   z_channels = int(config.model.vae.embed_dim)
 
@@ -173,7 +195,14 @@ def make_generate_fn(unet_apply: Callable, conditioner_apply: Callable, vae_deco
     prev_mean = _constrain(prev_mean, sharding)
     context = conditioner_apply(params["conditioner"], prev_image, prev_mean, batch["events"],
                                 batch["event_mask"])
-    uncond = null_fn(context) if guidance_scale != 1.0 else None
+    uncond = None
+    if guidance_scale != 1.0 and null_context == "zeros":
+      uncond = jnp.zeros_like(context)
+    elif guidance_scale != 1.0 and null_context == "no_events":
+      uncond = conditioner_apply(params["conditioner"], prev_image, prev_mean,
+                                 *events_removed(batch["events"], batch["event_mask"], config))
+    elif guidance_scale != 1.0:
+      uncond = null_context(context)
     concat = prev_mean * scale_factor if vae_concat else None
 
     def denoise(z, t, cond=True):
@@ -182,7 +211,8 @@ def make_generate_fn(unet_apply: Callable, conditioner_apply: Callable, vae_deco
 
     h, w = prev_image.shape[1] // f, prev_image.shape[2] // f
     z0 = sample_latents(denoise, (h, w, z_channels), keys, schedule=schedule, sampler=sampler, steps=steps,
-                        eta=eta, guidance_scale=guidance_scale, sharding=sharding)
+                        eta=eta, guidance_scale=guidance_scale, sharding=sharding, prediction=prediction,
+                        spacing=spacing)
     images = vae_decode(params["vae"], z0 / scale_factor).astype(jnp.float32)
     return _constrain(jnp.clip(images, -1.0, 1.0), sharding)
 
@@ -199,5 +229,7 @@ def make_generate_fn(unet_apply: Callable, conditioner_apply: Callable, vae_deco
 
   generate.jitted = jitted
   generate.settings = dict(sampler=sampler, steps=steps, eta=eta, guidance_scale=guidance_scale,
-                           vae_concat=vae_concat, scale_factor=scale_factor)
+                           vae_concat=vae_concat, scale_factor=scale_factor, prediction=prediction,
+                           timestep_spacing=spacing,
+                           guidance_null=null_context if isinstance(null_context, str) else "custom")
   return generate

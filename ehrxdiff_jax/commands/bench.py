@@ -215,10 +215,11 @@ def bench_sample(cfg, repeats: int, warmup: int) -> dict:
     def one_step(unet_params, prev_mean, ctx, keys):
       def denoise(z_t, t, cond=True):
         x_in = models.unet_input(z_t, prev_mean, cfg)
-        return ldm.unet.apply({"params": unet_params}, x_in, t, ctx if cond or ctx is None else jnp.zeros_like(ctx))
+        return ldm.unet_apply(unet_params, x_in, t, ctx if cond or ctx is None else jnp.zeros_like(ctx))
       return sample_lib.sample_latents(denoise, shape, keys, schedule=ldm.schedule, sampler=s["sampler"],
                                        steps=1, eta=s["eta"], guidance_scale=s["guidance_scale"],
-                                       sharding=sharding)
+                                       sharding=sharding, prediction=s["prediction"],
+                                       spacing=s["timestep_spacing"])
 
     def decode(vae_params, z0):
       return ldm.vae.apply({"params": vae_params}, z0, method=ldm.vae.decode)

@@ -57,8 +57,7 @@ def network_info(cfg) -> dict:
                            batch["events"], batch["event_mask"])
   unet_in = jax.eval_shape(lambda z, m: models.unet_input(z, m, cfg), z, z)
 
-  def denoise(p, x, t, ctx):
-    return unet.apply({"params": p}, x, t, ctx)
+  denoise = models.make_unet_apply(cfg, unet)
 
   t = jax.ShapeDtypeStruct((1,), jnp.int32)
   gflops = {

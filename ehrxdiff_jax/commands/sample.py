@@ -2,6 +2,7 @@
 
     ehrxdiff sample --checkpoint RUN --data DATA --split test --out GEN
         [--sampler ddim|ddpm|dpmpp_2m --steps 100 --eta 1.0 --guidance 1.0 --seeds 0,1,2 --ema/--no-ema
+         --events all|none
          --batch N --limit N --step N --overwrite] [--config.sample.x=y ...]
     ehrxdiff sample --from-torch EHRXDIFF.ckpt --config configs/ehrxdiff.py --data DATA --out GEN ...
     # multi-host without SLURM / TPU: add --coordinator HOST:PORT --num-processes N --process-id I
@@ -74,6 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   smp.add_argument("--steps", type=int, default=None)
   smp.add_argument("--eta", type=float, default=None, help="DDIM eta (1.0: the reference)")
   smp.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1: none)")
+  smp.add_argument("--events", choices=("all", "none"), default="all",
+                   help="none: every sample's events removed (the no-events condition the model was "
+                   "trained with, sample.events_removed): the 'EHRXDiff (no events)' row")
   smp.add_argument("--seeds", default="0", help="comma-separated seeds, one image per sample and seed")
   smp.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
                    help="use the EMA UNet (default: config sample.use_ema)")
@@ -150,8 +154,7 @@ def make_generate(cfg, sharding, **settings):
   from ehrxdiff_jax import sample as smp
   vae, unet, cond = models.build_vae(cfg), models.build_unet(cfg), models.build_conditioner(cfg)
 
-  def unet_apply(p, x, t, context):
-    return unet.apply({"params": p}, x, t, context)
+  unet_apply = models.make_unet_apply(cfg, unet)
 
   def conditioner_apply(p, prev_image, prev_mean, events, event_mask):
     return cond.apply({"params": p}, prev_image, prev_mean, events, event_mask, deterministic=True)
@@ -374,6 +377,8 @@ def _run(args) -> int:
         break
       n = min(len(host["prev_image"]), count - done)
       host = {k: np.asarray(v)[:n] for k, v in host.items()}
+      if args.events == "none":
+        host["events"], host["event_mask"] = smp.events_removed(host["events"], host["event_mask"], cfg)
       keys = [k.decode() if isinstance(k, (bytes, np.bytes_)) else str(k) for k in host["key"]]
       padded = _pad(host, batch_size)
       local = parallel.to_global({k: padded[k][rows[0]:rows[1]] for k in smp.BATCH_KEYS if k in padded}, mesh,
@@ -423,6 +428,7 @@ def _run(args) -> int:
         "count": done, "split": args.split, "data": os.path.abspath(args.data), "seeds": seeds,
         "keys": keys_written,
         "source": source, "used_ema": bool(used_ema),
+        "events": args.events,
         "sampler": {**settings, "batch_size": batch_size, "devices": int(mesh.devices.size),
                     "data_parallel": dp, "processes": jax.process_count()},
         "timings": {

@@ -21,6 +21,12 @@ As in the reference, the adapter exists only when two or more streams are fused;
 count (max_events, 1+N or c) instead of context_tokens. An empty `cross_attention` gives None (no
 cross-attention context; the UNet then has no cross-attention input).
 
+`pooled_events` (not in the reference; the demo's config): the masked mean of the table tokens over
+the real events is appended as one extra last token (through 'pooled_proj' when D != context_dim), for
+the UNet's time embedding (models.split_context, unet.adm_in_channels). Measured on the demo database:
+without this route the trained context did not depend on the events (the adapter's token mixing
+averaged 64 event tokens with the image and VAE tokens away); with it the events steer the sample.
+
 Parameter tree: {'table_tower', 'image_tower', 'vae_proj', 'adapter'} (+ 'projector' when D !=
 context_dim); only the parts the selected streams use exist. Paper config: 149,575,168 parameters.
 The VAE itself is not part of this module: the caller encodes I_prev (frozen VAE) and passes its mean.
@@ -31,7 +37,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ehrxdiff_jax.nn.layers import Dense
-from ehrxdiff_jax.nn.table import TableTower
+from ehrxdiff_jax.nn.table import TableTower, pool_tokens
 from ehrxdiff_jax.nn.vit import VisionTransformer, as_dtype
 
 STREAMS = ("table", "image", "vae")
@@ -46,6 +52,7 @@ class Conditioner(nn.Module):
   context_dim: int = 768
   latent_channels: int = 3
   latent_size: int = 64
+  pooled_events: bool = False
   dtype: Any = jnp.float32
 
   def streams(self) -> tuple:
@@ -80,7 +87,8 @@ class Conditioner(nn.Module):
     """(tokens, dim) of the context, None without cross-attention."""
     if not self.streams():
       return None
-    return (self.context_tokens if self.uses_adapter() else self.num_tokens(), self.context_dim)
+    tokens = self.context_tokens if self.uses_adapter() else self.num_tokens()
+    return (tokens + int(self.pooled_events), self.context_dim)
 
   @nn.compact
   def __call__(self, prev_image, prev_latent_mean, events, event_mask, deterministic: bool = True):
@@ -93,10 +101,13 @@ class Conditioner(nn.Module):
     dtype = as_dtype(self.dtype)
     width = self.token_width()
     parts = []
+    if self.pooled_events and "table" not in streams:
+      raise ValueError("model.conditioner.pooled_events needs the 'table' cross-attention stream")
     if "table" in streams:
       if events.shape[1] != self.max_events:
         raise ValueError(f"conditioner expects {self.max_events} event slots, got events {events.shape}")
       parts.append(self.table_tower(events, event_mask, deterministic=deterministic))
+      pooled = pool_tokens(parts[-1], event_mask, "mean")              # [B, D]; 0 without events
     if "image" in streams:
       parts.append(self.image_tower(prev_image))
     if "vae" in streams:
@@ -113,4 +124,8 @@ class Conditioner(nn.Module):
       x = jnp.swapaxes(x, 1, 2)                                        # [B, context_tokens, D]
     if width != self.context_dim:
       x = Dense(self.context_dim, ("embed", None), dtype=dtype, name="projector")(x)
+    if self.pooled_events:
+      if width != self.context_dim:
+        pooled = Dense(self.context_dim, ("embed", None), dtype=dtype, name="pooled_proj")(pooled)
+      x = jnp.concatenate([x, pooled[:, None, :].astype(x.dtype)], axis=1)
     return x

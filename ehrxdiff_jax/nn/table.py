@@ -75,6 +75,7 @@ class TableTower(nn.Module):
   remat: str = "none"
   project: bool = True
   padded_slots_at_inference: str = "train"
+  input_scale: float = 1.0  # events are multiplied by this before the first layer (1 = reference)
 
   @nn.compact
   def __call__(self, events, event_mask, deterministic: bool = True):
@@ -91,6 +92,8 @@ class TableTower(nn.Module):
     dtype = as_dtype(self.dtype)
     event_mask = jnp.asarray(event_mask, bool)
     x = events.astype(dtype)
+    if self.input_scale != 1.0:
+      x = x * jnp.asarray(self.input_scale, dtype)
     layer = maybe_remat(EncoderLayer, self.remat, static_argnums=(3,))  # (self, x, key_mask, deterministic)
     for i in range(self.layers):
       x = layer(self.event_dim, self.heads, self.ff_dim, self.dropout, self.attention_dropout, dtype=dtype,

@@ -174,10 +174,15 @@ class UNet(nn.Module):
   dtype: Dtype = jnp.float32
   attention: str = "auto"
   remat: str = "none"
+  # > 0: a vector y [B, adm_in_channels] is added to the time embedding through Dense, SiLU, Dense
+  # (LDM's `label_emb` for adm_in_channels, names label_emb_0/1). Not in the paper's UNet (0); the demo
+  # feeds the pooled table-tower tokens here (model.conditioner.pooled_events).
+  adm_in_channels: int = 0
 
   @nn.compact
-  def __call__(self, x, timesteps, context=None):
-    """x [B, h, w, in_channels], timesteps [B] (int or float), context [B, T, context_dim]|None."""
+  def __call__(self, x, timesteps, context=None, y=None):
+    """x [B, h, w, in_channels], timesteps [B] (int or float), context [B, T, context_dim]|None,
+    y [B, adm_in_channels] when adm_in_channels > 0."""
     dt = _dtype(self.dtype)
     if x.shape[-1] != self.in_channels:
       raise ValueError(f"UNet expects {self.in_channels} input channels, got {x.shape}")
@@ -198,6 +203,12 @@ class UNet(nn.Module):
     t = jnp.broadcast_to(t, (x.shape[0], mc)) if t.shape[0] == 1 else t
     emb = Dense(4 * mc, ("embed", "mlp"), dtype=dt, name="time_embed_0")(t)
     emb = Dense(4 * mc, ("mlp", "embed"), dtype=dt, name="time_embed_1")(nn.silu(emb))
+    if self.adm_in_channels:
+      if y is None or y.shape[-1] != self.adm_in_channels:
+        raise ValueError(f"UNet with adm_in_channels={self.adm_in_channels} needs y [B, "
+                         f"{self.adm_in_channels}], got {None if y is None else y.shape}")
+      e = Dense(4 * mc, (None, "mlp"), dtype=dt, name="label_emb_0")(y.astype(dt))
+      emb = emb + Dense(4 * mc, ("mlp", "embed"), dtype=dt, name="label_emb_1")(nn.silu(e))
 
     act = lambda a: constrain(a, BLOCK_AXES)  # noqa: E731 - every block's input and output
     context = None if context is None else constrain(context, CONTEXT_AXES)

@@ -6,7 +6,11 @@ Per (micro-)batch, inside the jitted step:
   context = Conditioner(I_prev, prev, events, mask)  (trainable; table-tower dropout active in training)
             with probability `train.cond_dropout` per sample replaced by zeros (classifier-free guidance;
             0 = the reference)
-  t ~ U{0..T-1}, eps ~ N(0, I), z_t = q_sample(z0, t, eps), loss = mean (UNet(z_t, t, context) - eps)^2
+            with probability `train.event_dropout` per sample computed with every event removed (the
+            no-events condition that `sample.guidance_null='no_events'` guides against; 0 = reference)
+  t ~ U{0..T-1}, eps ~ N(0, I), z_t = q_sample(z0, t, eps),
+  loss = mean w(t) (UNet(z_t, t, context) - target)^2; target eps (the paper) or v
+  (`diffusion.prediction`), w = 1 (the paper) or min-SNR (`diffusion.loss_weighting`)
 Trainable: 'unet' and 'conditioner'; frozen: 'vae'; EMA: 'unet'.
 """
 from __future__ import annotations
@@ -29,11 +33,17 @@ class LDMObjective(Objective):
     super().__init__(cfg)
     self.vae = models.build_vae(cfg)
     self.unet = models.build_unet(cfg)
+    self.unet_apply = models.make_unet_apply(cfg, self.unet)
     self.conditioner = models.build_conditioner(cfg)
     self.schedule = diffusion.make_schedule(cfg.diffusion)
     self.scale_factor = float(cfg.diffusion.scale_factor)
     self.num_timesteps = int(cfg.diffusion.num_timesteps)
     self.cond_dropout = float(cfg.train.cond_dropout)
+    self.event_dropout = float(cfg.train.get("event_dropout", 0.0))
+    self.prediction = diffusion.prediction_type(cfg.diffusion)
+    self.loss_weighting = str(cfg.diffusion.get("loss_weighting", "uniform"))
+    self.min_snr_gamma = float(cfg.diffusion.get("min_snr_gamma", 5.0))
+    self.loss_buckets = int(cfg.diffusion.get("loss_buckets", 0))
 
   def init_params(self, rng):
     return models.init_ldm(self.cfg, rng)
@@ -58,27 +68,54 @@ class LDMObjective(Objective):
                                   batch.get("events"), batch.get("event_mask"), deterministic=not train,
                                   rngs={"dropout": rng} if train else {})
 
-  def loss(self, params, batch, rng, train: bool):
-    r_lat, r_t, r_eps, r_drop, r_cfg = jax.random.split(rng, 5)
+  def loss(self, params, batch, rng, train: bool, stratified: bool = False):
+    """The weighted diffusion loss and, per t bucket k (`diffusion.loss_buckets`), `loss_t{k}`: the
+    unweighted squared error of the samples whose t fell in bucket k (NaN when none did; the loop
+    averages with nanmean). `stratified` draws sample i's t inside bucket i mod K, so every bucket
+    is measured on every validation batch."""
+    r_lat, r_t, r_eps, r_drop, r_cfg, r_ev = jax.random.split(rng, 6)
     z0, prev_mean = self.latents(params["vae"], batch, r_lat)
-    context = self.context(params["conditioner"], batch, prev_mean, r_drop, train)
     b = z0.shape[0]
+    events, event_mask = batch.get("events"), batch.get("event_mask")
+    if train and self.event_dropout > 0 and events is not None:
+      keep = jax.random.uniform(r_ev, (b,)) >= self.event_dropout
+      events = events * keep[:, None, None].astype(events.dtype)
+      event_mask = jnp.logical_and(event_mask, keep[:, None])
+    context = self.context(params["conditioner"], {**batch, "events": events, "event_mask": event_mask},
+                           prev_mean, r_drop, train)
     if train and self.cond_dropout > 0 and context is not None:
       keep = jax.random.uniform(r_cfg, (b,)) >= self.cond_dropout
       context = context * keep[:, None, None].astype(context.dtype)
-    t = jax.random.randint(r_t, (b,), 0, self.num_timesteps)
+    k = self.loss_buckets
+    if stratified:
+      bucket = jnp.arange(b) % k
+      u = jax.random.uniform(r_t, (b,))
+      t = jnp.minimum(((bucket + u) * self.num_timesteps / k).astype(jnp.int32), self.num_timesteps - 1)
+    else:
+      t = jax.random.randint(r_t, (b,), 0, self.num_timesteps)
     eps = jax.random.normal(r_eps, z0.shape, jnp.float32)
     z_t = diffusion.q_sample(self.schedule, z0, t, eps)
     x_in = models.unet_input(z_t, prev_mean, self.cfg)
-    pred = self.unet.apply({"params": params["unet"]}, x_in, t, context)
-    loss = jnp.mean(jnp.square(pred.astype(jnp.float32) - eps))
-    return loss, {}
+    pred = self.unet_apply(params["unet"], x_in, t, context).astype(jnp.float32)
+    target = diffusion.training_target(self.schedule, z0, t, eps, self.prediction)
+    per_sample = jnp.mean(jnp.square(pred - target), axis=(1, 2, 3))
+    weights = diffusion.loss_weights(self.schedule, t, self.loss_weighting, self.prediction,
+                                     self.min_snr_gamma)
+    loss = jnp.mean(weights * per_sample)
+    aux = {}
+    if k:
+      bucket = jnp.minimum(t * k // self.num_timesteps, k - 1)
+      onehot = jax.nn.one_hot(bucket, k, dtype=jnp.float32)             # [B, K]
+      sums, counts = per_sample @ onehot, jnp.sum(onehot, axis=0)
+      for i in range(k):
+        aux[f"loss_t{i}"] = jnp.where(counts[i] > 0, sums[i] / jnp.maximum(counts[i], 1.0), jnp.nan)
+    return loss, aux
 
   def eval_metrics(self, params, ema_params, batch, rng):
-    loss, _ = self.loss(params, batch, rng, train=False)
-    out = {"loss": loss}
+    loss, buckets = self.loss(params, batch, rng, train=False, stratified=True)
+    out = {"loss": loss, **buckets}
     if ema_params:
-      loss_ema, _ = self.loss({**params, **ema_params}, batch, rng, train=False)
+      loss_ema, _ = self.loss({**params, **ema_params}, batch, rng, train=False, stratified=True)
       out["loss_ema"] = loss_ema
     return out
 
@@ -98,9 +135,9 @@ class LDMObjective(Objective):
   def generate_fn(self, sharding=None):
     """`generate(params, batch, keys)` of ehrxdiff_jax/sample.py for this objective's networks."""
     from ehrxdiff_jax import sample as sample_lib
-    vae, unet, cond = self.vae, self.unet, self.conditioner
+    vae, cond = self.vae, self.conditioner
     return sample_lib.make_generate_fn(
-        lambda p, x, t, c: unet.apply({"params": p}, x, t, c),
+        self.unet_apply,
         lambda p, *a: cond.apply({"params": p}, *a),
         lambda p, z: vae.apply({"params": p}, z, method=vae.decode), self.cfg,
         vae_encode_mean=lambda p, x: vae.apply({"params": p}, x, method=vae.encode).mean, sharding=sharding)

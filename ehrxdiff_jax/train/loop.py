@@ -408,17 +408,21 @@ def _progress(total: int, initial: int, enabled: bool):
 def evaluate(trainer: Trainer, state: TrainState, batches: Iterator[dict], num_batches: int,
              seed: int = 1234) -> dict:
   """Mean of the objective's eval metrics over `num_batches` batches (fixed randomness per batch)."""
-  sums: dict[str, float] = {}
-  n = 0
+  values: dict[str, list] = {}
   base = jax.random.key(seed)
   for i, host in enumerate(batches):
     if i >= num_batches:
       break
     out = jax.device_get(trainer.eval_step(state, trainer.put_batch(host), jax.random.fold_in(base, i)))
     for k, v in out.items():
-      sums[k] = sums.get(k, 0.0) + float(v)
-    n += 1
-  return {k: v / n for k, v in sums.items()} if n else {}
+      values.setdefault(k, []).append(float(v))
+  return {k: _nanmean(v) for k, v in values.items()}
+
+
+def _nanmean(values) -> float:
+  """Mean of the finite-or-inf values, NaN only when every value is NaN (no warning)."""
+  values = [v for v in map(float, values) if not math.isnan(v)]
+  return sum(values) / len(values) if values else float("nan")
 
 
 # ------------------------------------------------------------------ the loop
@@ -538,7 +542,8 @@ def fit(trainer: Trainer, state: TrainState, train_iter: Iterator[dict], *, num_
         jax.block_until_ready(state.step)
         elapsed = time.perf_counter() - t_window
         sps = steps_in_window / elapsed if elapsed > 0 else float("nan")
-        scalars = {k: float(np.mean([w[k] for w in window])) for k in window[-1]}
+        # nanmean: per-t-bucket losses are NaN on steps whose batch drew no t in that bucket.
+        scalars = {k: _nanmean([w[k] for w in window]) for k in window[-1]}
         scalars["samples_per_s"] = sps * trainer.global_batch
         mfu = trainer.mfu(sps)
         if mfu is not None:
