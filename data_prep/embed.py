@@ -1,9 +1,10 @@
 """Event text -> vector backends, deduplicated by text and cached on disk (resumable).
 
 Backends (`make_embedder(spec, dim)`):
-  'hashing'            offline, deterministic signed feature hashing of word unigrams, word bigrams and
-                       'column value' pairs into `dim` buckets (blake2b, independent of PYTHONHASHSEED),
-                       L2-normalised.
+  'hashing'            offline, deterministic signed feature hashing (blake2b, independent of
+                       PYTHONHASHSEED) into `dim` buckets, L2-normalised: word unigrams and bigrams, and
+                       every number as soft log-scale value bins keyed by the words before it (see
+                       `hashing_embed`), so that 14.2 and 14.5 mg/dL embed close and 1.0 and 100 do not.
   'local:PATH'         a local sentence-transformers or transformers model directory; mean-pooled,
                        then zero-padded (model width < dim) or projected by a fixed seeded Gaussian
                        matrix (width > dim), L2-normalised.
@@ -16,6 +17,7 @@ is written after every block, so an interrupted run resumes where it stopped.
 """
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import json
@@ -28,19 +30,60 @@ import numpy as np
 _WORD = re.compile(r"[^\s]+")
 
 
+@functools.lru_cache(maxsize=1 << 20)  # the same features recur across texts (items, columns, bins)
 def _h(token: str) -> int:
   return int.from_bytes(hashlib.blake2b(token.encode(), digest_size=8).digest(), "little")
 
 
+_NUMBER = re.compile(r"^[<>=]*(-?\d+(?:\.\d+)?)(%?)$")
+# Value bins: log10|x| on a grid of 1/8 decade from 0.01 to 1000, each number spread over the bins within
+# 3 steps by a Gaussian of one step, so that the embedding of a value moves smoothly with it (v1 hashed
+# '14.2' and '14.5' to unrelated buckets: no lab value or fluid rate was learnable from its number).
+_BIN_STEP, _BIN_LO, _BIN_HI, _BIN_REACH = 0.125, -2.0, 3.0, 3
+_VALUE_WEIGHT = 2.0  # a value's bins weigh about as much as its text's words together
+
+
+def _value_bins(x: float) -> list[tuple[str, float]]:
+  """(bin name, weight) of one number; zero and the sign are bins of their own."""
+  if x == 0.0:
+    return [("zero", 1.0)]
+  sign = "-" if x < 0 else "+"
+  pos = (min(max(np.log10(abs(x)), _BIN_LO), _BIN_HI) - _BIN_LO) / _BIN_STEP
+  centre = int(round(pos))
+  last = int(round((_BIN_HI - _BIN_LO) / _BIN_STEP))
+  bins = range(max(0, centre - _BIN_REACH), min(last, centre + _BIN_REACH) + 1)
+  return [(f"{sign}{b}", float(np.exp(-0.5 * (b - pos) ** 2))) for b in bins]
+
+
 def hashing_embed(texts: Sequence[str], dim: int = 1536) -> np.ndarray:
+  """Signed hashing of words, word bigrams and numbers' value bins.
+
+  A number contributes its value bins twice: keyed by the word before it (its column, e.g. 'valuenum',
+  'rate') and by all the words before it (table, item and column: '... white blood cells valuenum'),
+  so that a value is comparable across items and specific to its item. Its literal text still counts
+  as a word (exact codes and doses stay recognisable).
+  """
   out = np.zeros((len(texts), dim), np.float32)
+
+  def add(i, feature, weight=1.0):
+    h = _h(feature)
+    out[i, h % dim] += weight if (h >> 32) & 1 else -weight
+
   for i, text in enumerate(texts):
     words = _WORD.findall(text.lower())
-    feats = list(words)
-    feats += [a + " " + b for a, b in zip(words, words[1:])]
-    for f in feats:
-      h = _h(f)
-      out[i, h % dim] += 1.0 if (h >> 32) & 1 else -1.0
+    for f in words + [a + " " + b for a, b in zip(words, words[1:])]:
+      add(i, f)
+    context = []
+    for w in words:
+      m = _NUMBER.match(w)
+      if m is None:
+        context.append(w)
+        continue
+      x = float(m.group(1))
+      keys = ["#" + (context[-1] if context else "") + m.group(2), "#" + " ".join(context) + m.group(2)]
+      for name, weight in _value_bins(x):
+        for key in keys:
+          add(i, f"{key} {name}", _VALUE_WEIGHT * weight)
   norm = np.linalg.norm(out, axis=1, keepdims=True)
   return out / np.maximum(norm, 1e-6)
 
@@ -116,7 +159,7 @@ def _precomputed_backend(path: str, dim: int) -> Callable:
 
 def make_embedder(spec: str, dim: int = 1536) -> Embedder:
   if spec == "hashing":
-    return Embedder(f"hashing-{dim}-v1", dim, lambda t: hashing_embed(t, dim))
+    return Embedder(f"hashing-{dim}-v2", dim, lambda t: hashing_embed(t, dim))
   kind, _, arg = spec.partition(":")
   if kind == "local" and arg:
     ident = hashlib.sha1(os.path.abspath(arg).encode()).hexdigest()[:12]

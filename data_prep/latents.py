@@ -152,6 +152,22 @@ def record_arrays(moments: np.ndarray, prev_row: int, target_row: int) -> dict[s
           "prev_logvar": prev[..., z:]}
 
 
+def latent_mean_std(moments: np.ndarray, chunk: int = 1024) -> list[float]:
+  """[mean, std] of latents z ~ q(z | I) over the encoded images: the LDM's rule sets
+  diffusion.scale_factor = 1 / std (unit-variance latents). Var z = Var(mean) + E[exp(logvar)].
+  Image statistics only, no labels; every encoded image (all splits) counts."""
+  z = moments.shape[-1] // 2
+  n, total, total_sq, total_var = 0, 0.0, 0.0, 0.0
+  for start in range(0, len(moments), chunk):
+    m = np.asarray(moments[start:start + chunk], np.float64)
+    n += m[..., :z].size
+    total += m[..., :z].sum()
+    total_sq += np.square(m[..., :z]).sum()
+    total_var += np.exp(m[..., z:]).sum()
+  mean = total / n
+  return [float(mean), float(np.sqrt(total_sq / n - mean ** 2 + total_var / n))]
+
+
 def cache_latents(encoder: VAEEncoder, image_files: dict[str, str], dicoms: Iterable[str], cache_dir: str,
                   batch_size: int, log=print) -> tuple[np.ndarray, dict[str, int]]:
   """Encodes each distinct image once: (float16 moments [N, h, w, 2z], dicom -> row)."""
@@ -160,6 +176,7 @@ def cache_latents(encoder: VAEEncoder, image_files: dict[str, str], dicoms: Iter
   t0 = time.time()
   out = os.path.join(cache_dir, f"latents-{encoder.info['fingerprint'][7:23]}-{encoder.image_size}.npy")
   moments = encode_files(encoder, [image_files[d] for d in order], out, batch_size)
+  encoder.info["mean_std"] = latent_mean_std(moments)
   log(f"latents: {len(order)} images encoded in {time.time() - t0:.1f}s, latent {encoder.latent_shape}")
   return moments, {d: i for i, d in enumerate(order)}
 

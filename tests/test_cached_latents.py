@@ -81,6 +81,13 @@ def test_manifest_names_the_vae(dataset, vae_run):
   assert lat["fingerprint"] == latents.params_fingerprint(vae_run[2])
   assert lat["shape"] == [16, 16, 3] and lat["image_size"] == S
   assert lat["fields"] == ["target_moments", "prev_mean", "prev_logvar"]
+  # [mean, std] of z ~ q(z | I) over the encoded images, against a direct sampling estimate.
+  src = pipeline.data_source(out, "train")
+  moments = np.concatenate([src[i]["target_moments"][None] for i in range(len(src))]).astype(np.float64)
+  mean, logvar = moments[..., :3], moments[..., 3:]
+  z = mean + np.exp(0.5 * logvar) * np.random.RandomState(0).standard_normal((64,) + mean.shape)
+  assert lat["mean_std"][1] == pytest.approx(z.std(), rel=0.05)
+  assert lat["mean_std"][0] == pytest.approx(z.mean(), abs=0.05 * z.std())
 
 
 def test_records_hold_the_moments_of_their_images(dataset, encode):

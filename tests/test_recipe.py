@@ -27,7 +27,7 @@ def demo_setup():
   params["unet"] = jax.tree.map(lambda x: x + 0.05 * jnp.sin(jnp.arange(x.size).reshape(x.shape)),
                                 params["unet"])
   rng = np.random.RandomState(0)
-  batch = {k: np.asarray(v) for k, v in models.dummy_batch(cfg, B).items()}
+  batch = {k: np.array(v) for k, v in models.dummy_batch(cfg, B).items()}
   batch["prev_image"] = rng.uniform(-1, 1, batch["prev_image"].shape).astype(np.float32)
   batch["target_image"] = rng.uniform(-1, 1, batch["target_image"].shape).astype(np.float32)
   batch["event_mask"][:, 10:] = False
@@ -131,7 +131,7 @@ def test_guidance_against_no_events(tiny_config):
   events, mask = smp.events_removed(batch["events"], batch["event_mask"], c)
   removed = dict(batch, events=events, event_mask=mask)
   np.testing.assert_allclose(np.asarray(guided(params, removed, keys)), np.asarray(plain(params, removed, keys)),
-                             atol=1e-6)
+                             atol=1e-5)  # u + s (c - u) with c == u: rounding only
   assert not np.allclose(np.asarray(guided(params, batch, keys)), np.asarray(plain(params, batch, keys)))
   # ... while an all-zero null context also drops what the image contributes: guided != plain.
   assert not np.allclose(np.asarray(zeros_null(params, removed, keys)), np.asarray(plain(params, removed, keys)))
